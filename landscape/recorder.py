@@ -1,0 +1,409 @@
+"""Layer 4: attach probes to a model and optimizer through the optimizer's step hooks.
+
+The recorder owns the schedule, builds each step's :class:`probes.base.Context`, runs the probes
+under :func:`landscape.functional.probe_guard` and hands their arrays to the store. It reads
+the training state and never writes it, so the trajectory is bitwise the same with and without
+it; and it never raises into the user's loop: a failing probe or a failing write is recorded,
+warned once, and training goes on.
+
+How the training loss reaches it (the loop stays unchanged): while the model's forward output
+may be turned into a loss (from the end of ``model(...)`` to ``optimizer.step()``), a
+``TorchFunctionMode`` notes the scalars ``.backward()`` is called on; their sum is the step's
+``loss`` (with gradient accumulation, the sum of the micro-batch losses as scaled by the user).
+A closure passed to ``optimizer.step(closure)`` is wrapped and its first value taken instead, and
+``rec.log(loss=...)`` overrides both.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from landscape.functional import FunctionalModel, draw_batches, move_batch, probe_guard, trainable_parameters
+from landscape.schema import Var, attrs_for
+from landscape.store import RunWriter, open_run
+from probes.base import Context, Measurement, Probe
+
+
+class _BackwardRoots(TorchFunctionMode):
+    """Notes the tensors ``.backward()`` / ``torch.autograd.backward`` start from."""
+
+    def __init__(self, sink: list[Tensor]) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is Tensor.backward and args:
+            self.sink.append(args[0].detach())
+        elif func is torch.autograd.backward:
+            roots = args[0] if args else kwargs.get("tensors")
+            for t in (roots if isinstance(roots, (list, tuple)) else [roots]):
+                if isinstance(t, Tensor):
+                    self.sink.append(t.detach())
+        return func(*args, **kwargs)
+
+
+def _json_hparams(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if k == "params":
+            continue
+        try:
+            json.dumps(v)
+            out[k] = v
+        except TypeError:
+            out[k] = repr(v)
+    return out
+
+
+class Recorder:
+    """Records a training run; create it with :func:`landscape.attach`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        loss_fn: Callable[[Any, Any], Tensor],
+        probe_data: Any = None,
+        probes: Sequence[Probe] = (),
+        store: str | Path | None = None,
+        run: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        resume: bool = False,
+        probe_batch_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        # -- validate everything before training starts ------------------------------------
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(probes, Probe):
+            probes = [probes]
+        probes = list(probes)
+        for p in probes:
+            if not isinstance(p, Probe):
+                raise TypeError(f"probes must be Probe instances (e.g. RestrictedSecant(every=10)), got {p!r}")
+        names = [p.name for p in probes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two probes of the same kind would write the same variables: {names}")
+        if run is not None and not isinstance(run, dict):
+            raise TypeError("run= must be a dict of metadata such as {'optimizer': 'sgd', 'seed': 0}")
+        self.model, self.optimizer, self.probes = model, optimizer, probes
+        named = trainable_parameters(model, optimizer)
+        self.functional = FunctionalModel(model, loss_fn, named)
+        needed = max([p.samples_needed for p in probes] + [0])
+        self.probe_batches = (
+            [move_batch(b, self.functional.device) for b in draw_batches(probe_data, needed, batch_size=probe_batch_size, seed=seed)]
+            if needed
+            else []
+        )
+        for p in probes:
+            p.setup(self.functional, optimizer)
+        self.weight_decay = self._weight_decay_vector()
+        if store is None:
+            store = Path(tempfile.mkdtemp(prefix="landscape-")) / "run.zarr"
+        self.path = Path(store)
+        self.writer = RunWriter(self.path, self._run_attrs(run or {}, loss_fn), overwrite=overwrite, resume=resume)
+
+        # -- state ---------------------------------------------------------------------------
+        self.step = (self.writer.step0 or 0) + self.writer.rows if resume else 0
+        self.probe_errors: dict[str, dict[str, Any]] = {}
+        self._warned: set[str] = set()
+        self._roots: list[Tensor] = []
+        self._capture = _BackwardRoots(self._roots)
+        self._capturing = False
+        self._closure_loss: float | None = None
+        self._logged: dict[str, float] = {}
+        self._pending: dict[str, Any] | None = None
+        self._closed = False
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+            model.register_forward_pre_hook(self._forward_pre),
+            model.register_forward_hook(self._forward_post),
+        ]
+
+    # -- metadata ---------------------------------------------------------------------------
+    def _run_attrs(self, run: dict[str, Any], loss_fn: Any) -> dict[str, Any]:
+        import landscape
+
+        opt = self.optimizer
+        return {
+            "run": run,
+            "optimizer": {"class": type(opt).__name__, "defaults": _json_hparams(opt.defaults),
+                          "param_groups": [_json_hparams(g) for g in opt.param_groups]},
+            "model": {"class": type(self.model).__name__, "parameters": self.functional.dim,
+                      "parameter_names": list(self.functional.layout.names)},
+            "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),
+            "probes": [p.config() for p in self.probes],
+            "probe_batches": {"count": len(self.probe_batches), "batch_sizes": [int(b[0].shape[0]) for b in self.probe_batches]},
+            "torch_version": torch.__version__,
+            "landscape_version": landscape.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def _weight_decay_vector(self) -> Tensor | None:
+        by_param = {id(p): float(g.get("weight_decay", 0.0) or 0.0) for g in self.optimizer.param_groups for p in g["params"]}
+        lam = [by_param.get(id(p), 0.0) for p in self.functional.params]
+        if not any(lam):
+            return None
+        return torch.cat([torch.full((p.numel(),), l, dtype=p.dtype, device=p.device) for p, l in zip(self.functional.params, lam)])
+
+    # -- loss capture -------------------------------------------------------------------------
+    def _forward_pre(self, module: nn.Module, args: Any) -> None:
+        self._stop_capture()
+
+    def _forward_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._closed and not self._capturing and torch.is_grad_enabled():
+            try:
+                self._capture.__enter__()
+                self._capturing = True
+            except Exception as exc:  # pragma: no cover - defensive
+                self._warn_once("capture", f"landscape cannot capture the loss automatically ({exc}); use rec.log(loss=...)")
+
+    def _stop_capture(self) -> None:
+        if self._capturing:
+            self._capturing = False
+            try:
+                self._capture.__exit__(None, None, None)
+            except Exception as exc:  # another mode was pushed above ours and not popped
+                self._warn_once("capture", f"landscape loss capture was interrupted ({exc}); use rec.log(loss=...)")
+
+    def log(self, **scalars: float) -> None:
+        """Record extra scalars (or the loss) for the current step: ``rec.log(loss=loss, acc=acc)``."""
+        for k, v in scalars.items():
+            self._logged[k] = float(v.detach()) if isinstance(v, Tensor) else float(v)
+
+    def _take_loss(self) -> tuple[float, bool]:
+        """The step's loss and whether one was seen at all."""
+        seen = True
+        if "loss" in self._logged:
+            value = self._logged.pop("loss")
+        elif self._closure_loss is not None:
+            value = self._closure_loss
+        elif self._roots:
+            scalars = [r for r in self._roots if r.numel() == 1]
+            value = float(torch.stack([r.reshape(()) for r in scalars]).sum()) if scalars else math.nan
+        else:
+            value, seen = math.nan, False
+            if self.step <= 1:
+                self._warn_once("noloss", "landscape saw no loss at step 0 (no .backward() after model(...), no closure): "
+                                          "call rec.log(loss=loss) in the loop to record it")
+        self._roots.clear()
+        self._closure_loss = None
+        return value, seen
+
+    # -- the hooks ----------------------------------------------------------------------------
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
+        if self._closed:
+            return None
+        try:
+            self._stop_capture()
+            closure = args[1] if len(args) > 1 else kwargs.get("closure")
+            due = [p for p in self.probes if p.due(self.step)]
+            self._pending = {
+                "due": due,
+                "params": self.functional.flat_params() if due else None,
+                "grad": self.functional.flat_grad() if due and closure is None else None,
+                "lrs": [float(g["lr"]) if not isinstance(g["lr"], Tensor) else float(g["lr"].item()) for g in optimizer.param_groups],
+            }
+            if closure is not None:
+                return self._wrap_closure(args, kwargs, closure)
+        except Exception as exc:
+            self._internal_error(exc)
+        return None
+
+    def _wrap_closure(self, args: tuple, kwargs: dict, closure: Callable[[], Any]) -> tuple[tuple, dict]:
+        def recorded_closure() -> Any:
+            value = closure()
+            if self._closure_loss is None and isinstance(value, (Tensor, float, int)):
+                self._closure_loss = float(value.detach()) if isinstance(value, Tensor) else float(value)
+            return value
+
+        if len(args) > 1:
+            return (args[0], recorded_closure, *args[2:]), kwargs
+        return args, {**kwargs, "closure": recorded_closure}
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._closed or self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        step = self.step
+        self.step += 1
+        try:
+            self._record(step, pending)
+        except Exception as exc:
+            self._internal_error(exc)
+
+    def _record(self, step: int, pending: dict[str, Any]) -> None:
+        loss, seen = self._take_loss()
+        flags = 0
+        if seen and not math.isfinite(loss):
+            flags |= 1
+            self._warn_once("nonfinite-loss", f"non-finite training loss at step {step}: recorded as NaN (flag `nonfinite`)")
+            loss = math.nan
+        lrs = pending["lrs"]
+        values: dict[str, Var] = {
+            "loss": Var((), np.float64(loss), attrs_for("loss")),
+            "lr": Var((), np.float64(lrs[0]), attrs_for("lr")),
+        }
+        if len(set(lrs)) > 1:
+            values["lr_group"] = Var(("param_group",), np.asarray(lrs, np.float64), attrs_for("lr_group"))
+        for k, v in self._logged.items():
+            values[k] = Var((), np.float64(v), {"long_name": k, "units": "1", "probe": "user"})
+        self._logged.clear()
+        trajectory: dict[str, Var] = {}
+        failed = 0
+        if pending["due"]:
+            params = pending["params"]
+            grad = pending["grad"] if pending["grad"] is not None else self.functional.flat_grad()
+            if not bool(torch.isfinite(grad).all()):
+                flags |= 2
+                self._warn_once("nonfinite-grad", f"non-finite gradient at step {step}: its geometry is recorded as NaN (flag `nonfinite`)")
+            ctx = Context(step=step, functional=self.functional, model=self.model, optimizer=self.optimizer,
+                          probe_batches=self.probe_batches, params=params, grad=grad,
+                          update=self.functional.flat_params() - params, loss=loss, lr=lrs[0],
+                          weight_decay=self.weight_decay)
+            for probe in pending["due"]:
+                out = self._run_probe(probe, probe.measure, ctx)
+                if out is None:
+                    failed += 1
+                    continue
+                values.update(out.values)
+                trajectory.update(out.trajectory)
+        values["nonfinite"] = Var((), np.int8(flags), attrs_for("nonfinite"))
+        values["probe_failed"] = Var((), np.int8(failed), attrs_for("probe_failed"))
+        self.writer.append(step, values, {k: Var(v.dims, _to_numpy(v.data), v.attrs) for k, v in trajectory.items()} or None)
+
+    def _run_probe(self, probe: Probe, fn: Callable[[Context], Any], ctx: Context) -> Any:
+        try:
+            with probe_guard(self.model, probe.bn_mode):
+                out = fn(ctx)
+            if isinstance(out, Measurement):
+                out.values = {k: Var(v.dims, _to_numpy(v.data), v.attrs) for k, v in out.values.items()}
+            return out
+        except Exception as exc:
+            info = self.probe_errors.setdefault(probe.name, {"count": 0, "first_step": ctx.step, "error": ""})
+            info["count"] += 1
+            if not info["error"]:
+                info["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            self._warn_once(f"probe:{probe.name}", f"probe {probe.name} failed at step {ctx.step}: {info['error']} "
+                                                   "(recorded in attrs['probe_errors']; training goes on)")
+            return None
+
+    def _internal_error(self, exc: Exception) -> None:
+        info = self.probe_errors.setdefault("recorder", {"count": 0, "first_step": self.step, "error": ""})
+        info["count"] += 1
+        if not info["error"]:
+            info["error"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-2000:]
+        self._warn_once("internal", f"landscape recorder error at step {self.step}: {exc!r} (training goes on)")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    # -- the end ------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Wait until every recorded step is committed to the store."""
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Detach from training, run the probes' end-of-run computations, close the store."""
+        if self._closed:
+            return
+        self._stop_capture()
+        self._closed = True
+        for h in self._handles:
+            h.remove()
+        try:
+            self.writer.flush()
+            final = self.functional.flat_params()
+            steps = np.arange(self.writer.step0 or 0, (self.writer.step0 or 0) + self.writer.rows)
+            for probe in self.probes:
+                if type(probe).finalize is Probe.finalize:
+                    continue
+                ctx = Context(step=self.step, functional=self.functional, model=self.model, optimizer=self.optimizer,
+                              probe_batches=self.probe_batches, final_params=final, weight_decay=self.weight_decay,
+                              trajectory=self.writer.iter_trajectory, dataset=lambda: open_run(self.path), steps=steps)
+                ds = self._run_probe(probe, probe.finalize, ctx)
+                if ds is not None:
+                    try:
+                        self.writer.write_dataset(ds)
+                    except Exception as exc:
+                        self._internal_error(exc)
+            self.writer.set_attrs(probe_errors=self.probe_errors, steps_recorded=self.writer.rows)
+        finally:
+            self.writer.close()
+
+    def dataset(self):  # type: ignore[no-untyped-def]
+        """The run recorded so far, as an ``xarray.Dataset`` (see :func:`landscape.open_run`)."""
+        if not self._closed:
+            self.writer.flush()
+        return open_run(self.path)
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a forgotten close() must not leave a mode on the stack
+        try:
+            if not self._closed:
+                self._stop_capture()
+        except Exception:
+            pass
+
+
+def _to_numpy(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy()
+    return x
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    loss_fn: Callable[[Any, Any], Tensor],
+    probe_data: Any = None,
+    probes: Sequence[Probe] | Probe = (),
+    store: str | Path | None = None,
+    run: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    probe_batch_size: int | None = None,
+    seed: int = 0,
+) -> Recorder:
+    """Attach probes to a training loop; the loop itself stays unchanged.
+
+    Args:
+        model: the module being trained.
+        optimizer: its optimizer; the recorder hooks into ``optimizer.step()``.
+        loss_fn: ``loss_fn(model(*inputs), target)`` -> mean loss; the probes evaluate it.
+        probe_data: fixed evaluation batches: a list of ``(x, y)``, a DataLoader (batches drawn
+            once, without touching the global RNG), or an ``(X, Y)`` pair split into batches.
+        probes: probe instances, e.g. ``[RestrictedSecant(every=10, samples=8)]``.
+        store: path of the run's zarr store (a temporary folder if omitted).
+        run: metadata such as ``{"optimizer": "sgd", "seed": 0}``; becomes coordinates in
+            :func:`landscape.open_runs`.
+        overwrite: replace an existing store; ``resume``: append to it.
+        probe_batch_size: batch size when ``probe_data`` is an ``(X, Y)`` pair.
+        seed: seed for splitting ``probe_data``.
+    """
+    return Recorder(model, optimizer, loss_fn=loss_fn, probe_data=probe_data, probes=probes if not isinstance(probes, Probe) else [probes],
+                    store=store, run=run, overwrite=overwrite, resume=resume, probe_batch_size=probe_batch_size, seed=seed)

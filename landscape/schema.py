@@ -1,0 +1,130 @@
+"""The data model of a run: the one place where stored names, dims and units are defined.
+
+A run is one zarr v3 store holding one ``xarray.Dataset`` (read it with ``landscape.open_run``):
+
+Dimensions
+    step        optimizer steps (0-based; step t is measured at w_t, before update t). Every
+                optimizer step has a row; a probe that did not run at a step has NaN there.
+    sample      index of a fixed probe batch (drawn once, reused at every measurement).
+    quantile    quantile level of a per-step summary over samples.
+    bound       how a uniform bound is estimated: ``extreme`` (min/max) or ``quantile``.
+    null        lower/upper edge of a null band.
+
+Trajectory group (``trajectory/``, read with ``landscape.open_trajectory``; dims ``record``,
+``param`` or ``sketch``, ``sample``): the raw vectors behind reference-dependent probes, float32.
+
+Dataset attrs: ``landscape_schema`` (this module's SCHEMA_VERSION), ``run`` (the user's run
+metadata: optimizer name, seed, ...), ``optimizer`` (class and hyper-parameters), ``model``
+(class, parameter count), ``torch_version``, ``landscape_version``, ``probes`` (configuration of
+each probe), ``probe_errors`` (errors caught while measuring; training went on).
+
+Every variable has attrs ``long_name``, ``units`` ("1" for dimensionless), ``probe`` ("recorder"
+for the recorder's own), plus the estimator settings that change its value.
+
+A reader accepts stores whose schema has the same major version (``open_run`` checks it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class VarSpec:
+    dims: tuple[str, ...]
+    long_name: str
+    units: str
+    probe: str
+    doc: str
+
+
+_SECANT_DOC = {
+    "rsi": ("RSI", "<g, w - w*> / |w - w*|^2"),
+    "eb": ("EB", "|g| / |w - w*|"),
+    "gamma": ("gamma = cos(g, w - w*)", "RSI / EB; > 0 means -g points towards w*"),
+    "eta_star": ("locally optimal step eta*", "<g, w - w*> / |g|^2 = RSI / EB^2"),
+}
+_SECANT_VARIANTS = {
+    "": (("step", "sample"), "gradient on a fixed probe batch"),
+    "_train": (("step",), "training minibatch gradient the optimizer received (before momentum/Adam)"),
+    "_wd": (("step",), "weight-decay-corrected training gradient g + lambda w"),
+    "_update": (("step",), "realised update direction -(w_{t+1} - w_t); eta*_update is the optimal multiple of the step taken"),
+}
+
+VARIABLES: dict[str, VarSpec] = {
+    # the recorder's own, every step
+    "loss": VarSpec(("step",), "training loss", "1", "recorder",
+                    "training minibatch loss at step t: the sum of the scalars .backward() was called on since the last step (or the closure's value, or rec.log(loss=...))"),
+    "lr": VarSpec(("step",), "learning rate", "1", "recorder", "learning rate of the first param group used at step t"),
+    "lr_group": VarSpec(("step", "param_group"), "learning rate per param group", "1", "recorder", "only when groups differ"),
+    "nonfinite": VarSpec(("step",), "non-finite flag", "1", "recorder",
+                         "bit flags: 1 the loss was NaN/Inf, 2 the gradient was NaN/Inf (checked where a probe ran)"),
+    "probe_failed": VarSpec(("step",), "probe failures", "1", "recorder", "number of probes that raised at this step (see attrs probe_errors)"),
+    # RestrictedSecant
+    "dist_to_ref": VarSpec(("step",), "|w - w*|", "1", "RestrictedSecant", "distance to the reference point"),
+    "grad_norm": VarSpec(("step", "sample"), "|g| on probe batch", "1", "RestrictedSecant", "norm of the probe-batch gradient"),
+    "grad_norm_train": VarSpec(("step",), "|g| training", "1", "RestrictedSecant", "norm of the training gradient"),
+    "sample_loss": VarSpec(("step", "sample"), "probe-batch loss", "1", "RestrictedSecant", "loss on each fixed probe batch at w_t"),
+    "rsi_quantiles": VarSpec(("step", "quantile"), "RSI quantiles over samples", "1", "RestrictedSecant", "per-step quantiles of rsi over the probe batches"),
+    "eb_quantiles": VarSpec(("step", "quantile"), "EB quantiles over samples", "1", "RestrictedSecant", "per-step quantiles of eb"),
+    "gamma_quantiles": VarSpec(("step", "quantile"), "gamma quantiles over samples", "1", "RestrictedSecant", "per-step quantiles of gamma"),
+    "mu_hat": VarSpec(("bound",), "uniform RSI lower bound estimate", "1", "RestrictedSecant",
+                      "lowest rsi (extreme) or its low quantile over (step, sample), excluding the tail of training"),
+    "L_hat": VarSpec(("bound",), "uniform EB upper bound estimate", "1", "RestrictedSecant",
+                     "highest eb (extreme) or its high quantile, excluding the tail of training"),
+    "implied_step": VarSpec(("bound",), "implied step mu/L^2", "1", "RestrictedSecant", "the step size of the RSI/EB contraction theorem; NaN when mu_hat <= 0"),
+    "contraction": VarSpec(("bound",), "contraction factor 1 - mu^2/L^2", "1", "RestrictedSecant",
+                           "per-step factor on |w - w*|^2 at the implied step; NaN when mu_hat <= 0 (no guarantee)"),
+    "has_guarantee": VarSpec(("bound",), "mu_hat > 0", "1", "RestrictedSecant", "False: the measured RSI lower bound is not positive, the theorem gives nothing"),
+    "gamma_null": VarSpec(("null",), "gamma null band", "1", "RestrictedSecant",
+                          "central interval of cos(u, w - w*) for u uniform on the sphere in d dims (widened by the sketch error in sketch mode)"),
+    "gamma_above_null": VarSpec(("step",), "fraction of samples with gamma above the null band", "1", "RestrictedSecant", ""),
+}
+for _suffix, (_dims, _what) in _SECANT_VARIANTS.items():
+    for _name, (_long, _formula) in _SECANT_DOC.items():
+        VARIABLES[_name + _suffix] = VarSpec(_dims, f"{_long} ({_what.split(' (')[0]})", "1", "RestrictedSecant", f"{_formula}; g = {_what}")
+
+
+def attrs_for(name: str, **settings: object) -> dict[str, object]:
+    """The attrs every stored variable carries: long_name, units, probe, and settings."""
+    spec = VARIABLES.get(name)
+    if spec is None:
+        raise KeyError(f"{name!r} is not in the schema (landscape/schema.py): add it there first")
+    return {"long_name": spec.long_name, "units": spec.units, "probe": spec.probe, **settings}
+
+
+def dims_for(name: str) -> tuple[str, ...]:
+    """Documented dims of a stored variable."""
+    return VARIABLES[name].dims
+
+
+def compatible(version: str) -> bool:
+    """Whether a store written with schema ``version`` can be read by this code."""
+    try:
+        return int(str(version).split(".")[0]) == int(SCHEMA_VERSION.split(".")[0])
+    except ValueError:
+        return False
+
+
+def describe() -> str:
+    """The variable table, as printed by ``landscape info --schema``."""
+    lines = [f"landscape schema {SCHEMA_VERSION}", ""]
+    for name, s in VARIABLES.items():
+        lines.append(f"{name:20s} ({', '.join(s.dims)})  [{s.probe}]  {s.long_name}: {s.doc}")
+    return "\n".join(lines)
+
+
+@dataclass
+class Var:
+    """One named array on its way to the store: ``dims`` exclude the row dim (``step`` or
+    ``record``) for per-step values, and include it for finalize results."""
+
+    dims: tuple[str, ...]
+    data: object
+    attrs: dict[str, object]
+
+
+def var(name: str, data: object, dims: tuple[str, ...] | None = None, **settings: object) -> Var:
+    """A :class:`Var` whose attrs come from the schema entry ``name``."""
+    return Var(dims if dims is not None else dims_for(name), data, attrs_for(name, **settings))

@@ -1,0 +1,5 @@
+"""The probes: one module per family of quantities (DESIGN.md layer 3)."""
+from probes.base import Context, Measurement, Probe
+from probes.secant import RestrictedSecant
+
+__all__ = ["Context", "Measurement", "Probe", "RestrictedSecant"]

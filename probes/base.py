@@ -1,0 +1,98 @@
+"""What every probe is: a cadence, ``measure(context)`` and, when it needs the end of the run,
+``finalize(context)``. A probe never touches the training loop or the disk: it receives a
+:class:`Context` from the recorder and returns named arrays (:class:`landscape.schema.Var`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor, nn
+
+from landscape.functional import Batch, BNMode, FunctionalModel
+from landscape.schedule import Every, Schedule
+from landscape.schema import Var
+
+TrajectoryIter = Callable[[Sequence[str]], Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]]
+
+
+@dataclass
+class Context:
+    """Everything a probe may read at one optimizer step (or at the end of the run).
+
+    ``params`` is w_t (the point before update t), ``grad`` the gradient the optimizer received at
+    step t (after the user's clipping/accumulation, before momentum or Adam), ``update`` the
+    realised w_{t+1} - w_t. All flat, detached copies the probe may keep.
+    """
+
+    step: int
+    functional: FunctionalModel
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    probe_batches: list[Batch]
+    params: Tensor | None = None
+    grad: Tensor | None = None
+    update: Tensor | None = None
+    loss: float = float("nan")
+    lr: float = float("nan")
+    weight_decay: Tensor | None = None
+    # at finalize only
+    final_params: Tensor | None = None
+    trajectory: TrajectoryIter | None = None
+    dataset: Callable[[], xr.Dataset] | None = None
+    steps: np.ndarray | None = None
+
+
+@dataclass
+class Measurement:
+    """A probe's output at one step: per-step values (dims without ``step``) and, for probes
+    that need the end of the run, trajectory vectors to be streamed to the store."""
+
+    values: dict[str, Var] = field(default_factory=dict)
+    trajectory: dict[str, Var] = field(default_factory=dict)
+
+
+class Probe:
+    """Base class. Subclasses set ``name``, implement :meth:`measure`, and :meth:`finalize` if
+    they need the end of the run."""
+
+    name: str = "Probe"
+
+    def __init__(self, every: Every = 1, *, bn_mode: BNMode = "eval", seed: int = 0) -> None:
+        self.schedule = Schedule.of(every)
+        if bn_mode not in ("eval", "train"):
+            raise ValueError(f"{type(self).__name__}: bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+        self.bn_mode: BNMode = bn_mode
+        self.seed = int(seed)
+
+    @property
+    def samples_needed(self) -> int:
+        """How many fixed probe batches this probe reads (0 if none)."""
+        return 0
+
+    def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
+        """Called once by ``attach``, before training: validate against the model."""
+
+    def due(self, step: int) -> bool:
+        return self.schedule.due(step)
+
+    def measure(self, ctx: Context) -> Measurement:
+        raise NotImplementedError
+
+    def finalize(self, ctx: Context) -> xr.Dataset | None:
+        """Results that need the whole run (e.g. against the final iterate). Default: none."""
+        return None
+
+    def generator(self, step: int) -> torch.Generator:
+        """A generator seeded by (probe seed, step): reproducible, and never the global RNG."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able configuration stored in the run's attrs."""
+        return {"probe": self.name, "every": self.schedule.describe(), "bn_mode": self.bn_mode, "seed": self.seed}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "probe")
+        return f"{self.name}({args})"

@@ -1,0 +1,338 @@
+"""Restricted secant inequality (RSI) and error bound (EB) along a trajectory.
+
+Guille-Escuret et al., "No Wrong Turns", ICML 2024 (REFERENCE.md §1). For a direction g at w and a
+reference w* (y = w - w*):
+
+    rsi = <g, y> / |y|^2     eb = |g| / |y|     gamma = rsi / eb = cos(g, y)     eta* = <g, y> / |g|^2
+
+If rsi >= mu and eb <= L everywhere, a step of mu / L^2 contracts |w - w*|^2 by 1 - mu^2 / L^2.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from scipy import stats
+from torch import Tensor
+
+from landscape.functional import FunctionalModel
+from landscape.linalg import GaussianSketch
+from landscape.schema import attrs_for, var
+from probes.base import Context, Measurement, Probe
+
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+VARIANTS = {"": "sample", "_train": "grad", "_wd": "grad_wd", "_update": "update"}
+
+
+def secant_quantities(dot: np.ndarray, gnorm: np.ndarray, dist: np.ndarray) -> dict[str, np.ndarray]:
+    """rsi, eb, gamma, eta_star from <g, y>, |g| and |y| (NaN where |y| = 0 or |g| = 0)."""
+    dot, gnorm, dist = (np.asarray(a, dtype=np.float64) for a in (dot, gnorm, dist))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok_y = dist > 0
+        ok_g = gnorm > 0
+        rsi = np.where(ok_y, dot / np.where(ok_y, dist, 1.0) ** 2, np.nan)
+        eb = np.where(ok_y, gnorm / np.where(ok_y, dist, 1.0), np.nan)
+        gamma = np.where(ok_y & ok_g, dot / (np.where(ok_g, gnorm, 1.0) * np.where(ok_y, dist, 1.0)), np.nan)
+        eta = np.where(ok_g, dot / np.where(ok_g, gnorm, 1.0) ** 2, np.nan)
+    return {"rsi": rsi, "eb": eb, "gamma": gamma, "eta_star": eta}
+
+
+def gamma_null_band(d: int, level: float = 0.95) -> tuple[float, float]:
+    """Central ``level`` interval of cos(u, y) for u uniform on the sphere in ``d`` dims.
+
+    (cos + 1) / 2 ~ Beta((d - 1) / 2, (d - 1) / 2); its standard deviation is 1 / sqrt(d).
+    """
+    if d < 2:
+        raise ValueError("the null band needs d >= 2")
+    a = (d - 1) / 2
+    lo, hi = stats.beta.ppf([(1 - level) / 2, (1 + level) / 2], a, a)
+    return float(2 * lo - 1), float(2 * hi - 1)
+
+
+def summarize(ds: xr.Dataset, *, dim: int, source: str, quantiles: Sequence[float] = QUANTILES, tail: float = 0.1,
+              bound_quantile: float = 0.05, null_level: float = 0.95, settings: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """Per-step quantiles, uniform-bound estimates and the gamma null band.
+
+    ``source`` is the RSI/EB variant the bounds use ("" for probe batches, "_train", ...). The last
+    ``tail`` fraction of the measured steps is left out of the bounds: near the end |w - w*| -> 0
+    while |g| does not, and RSI/EB blow up for reasons unrelated to the geometry.
+    """
+    settings = dict(settings or {})
+    out = xr.Dataset(coords={"quantile": list(quantiles), "bound": ["extreme", "quantile"], "null": ["lower", "upper"]})
+    rsi, eb = ds["rsi" + source], ds["eb" + source]
+    if "rsi" in ds and "sample" in ds["rsi"].dims:
+        for name in ("rsi", "eb", "gamma"):
+            arr = np.asarray(ds[name].transpose("step", "sample").values, dtype=np.float64)
+            q = np.full((arr.shape[0], len(quantiles)), np.nan)
+            rows = ~np.all(np.isnan(arr), axis=1)
+            if rows.any():
+                q[rows] = np.nanquantile(arr[rows], list(quantiles), axis=1).T
+            out[f"{name}_quantiles"] = (("step", "quantile"), q, attrs_for(f"{name}_quantiles", **settings))
+        out = out.assign_coords(step=ds["step"].values)
+    steps = np.asarray(ds["step"].values)
+    measured = ~np.all(np.isnan(np.asarray(rsi.values, dtype=np.float64).reshape(len(steps), -1)), axis=1)
+    keep = np.zeros_like(measured)
+    if measured.any():
+        s = steps[measured]
+        cutoff = s.min() + (1.0 - tail) * (s.max() - s.min())
+        keep = measured & (steps <= cutoff)
+    r = np.asarray(rsi.values, dtype=np.float64).reshape(len(steps), -1)[keep].ravel()
+    e = np.asarray(eb.values, dtype=np.float64).reshape(len(steps), -1)[keep].ravel()
+    r, e = r[np.isfinite(r)], e[np.isfinite(e)]
+    if r.size and e.size:
+        mu = np.array([r.min(), np.quantile(r, bound_quantile)])
+        L = np.array([e.max(), np.quantile(e, 1 - bound_quantile)])
+    else:
+        mu = L = np.array([np.nan, np.nan])
+    good = mu > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        implied = np.where(good, mu / L**2, np.nan)
+        contraction = np.where(good, 1 - mu**2 / L**2, np.nan)
+    bound_attrs = dict(settings, source="rsi" + source, tail_excluded=tail, bound_quantile=bound_quantile,
+                       points=int(r.size))
+    out["mu_hat"] = (("bound",), mu, attrs_for("mu_hat", **bound_attrs))
+    out["L_hat"] = (("bound",), L, attrs_for("L_hat", **bound_attrs))
+    out["implied_step"] = (("bound",), implied, attrs_for("implied_step", **bound_attrs))
+    out["contraction"] = (("bound",), contraction, attrs_for("contraction", **bound_attrs))
+    out["has_guarantee"] = (("bound",), good, attrs_for("has_guarantee", **bound_attrs))
+    lo, hi = gamma_null_band(dim, null_level)
+    out["gamma_null"] = (("null",), np.array([lo, hi]), attrs_for("gamma_null", level=null_level, dimension=dim, **settings))
+    if "gamma" in ds and "sample" in ds["gamma"].dims:
+        g = np.asarray(ds["gamma"].transpose("step", "sample").values, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            frac = np.where(np.all(np.isnan(g), axis=1), np.nan, np.nanmean(np.where(np.isnan(g), np.nan, g > hi), axis=1))
+        out["gamma_above_null"] = (("step",), frac, attrs_for("gamma_above_null", level=null_level))
+        out = out.assign_coords(step=ds["step"].values)
+    return out
+
+
+def _load_reference(reference: Any, fm: FunctionalModel) -> Tensor:
+    """A flat reference vector from a state_dict or a checkpoint path (weights_only=True)."""
+    if isinstance(reference, (str, os.PathLike)):
+        path = Path(reference)
+        if not path.exists():
+            raise FileNotFoundError(f"reference checkpoint {path} does not exist")
+        reference = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(reference, dict) and "state_dict" in reference and isinstance(reference["state_dict"], Mapping):
+            reference = reference["state_dict"]
+    if isinstance(reference, Tensor):
+        flat = reference.detach().reshape(-1)
+        if flat.numel() != fm.dim:
+            raise ValueError(f"reference vector has {flat.numel()} entries, the model's trainable parameters {fm.dim}")
+        return flat.to(device=fm.device, dtype=fm.dtype)
+    if not isinstance(reference, Mapping):
+        raise TypeError("reference= must be a state_dict, a checkpoint path, or a flat tensor")
+    missing = [n for n in fm.layout.names if n not in reference]
+    if missing:
+        raise KeyError(f"reference state_dict lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}: "
+                       "pass model.state_dict() of the same architecture")
+    parts = []
+    for name, shape in zip(fm.layout.names, fm.layout.shapes):
+        t = torch.as_tensor(reference[name])
+        if t.shape != shape:
+            raise ValueError(f"reference {name} has shape {tuple(t.shape)}, the model's is {tuple(shape)}")
+        parts.append(t.reshape(-1).to(device=fm.device, dtype=fm.dtype))
+    return torch.cat(parts)
+
+
+class RestrictedSecant(Probe):
+    """RSI, EB, gamma and eta* along the trajectory, against the final iterate or a reference.
+
+    Args:
+        every: cadence (int, list of steps, or "log").
+        samples: number of fixed probe batches whose gradients are measured (0: training
+            gradient only).
+        reference: None (default) measures against the final iterate w_T at ``close()`` from the
+            recorded trajectory; a state_dict, checkpoint path or flat tensor measures online.
+        sketch: store k-dimensional Gaussian sketches instead of full vectors (large models);
+            see :class:`landscape.linalg.GaussianSketch` for the resulting error.
+        weight_decay: lambda for the ``_wd`` variant (default: the optimizer's, per group).
+        bn_mode: BN mode for probe-batch gradients; "train" (default) matches the training
+            gradient, as in the paper. Dropout is always off.
+        quantiles, tail, bound_quantile, null_level: summary settings (see :func:`summarize`).
+    """
+
+    name = "RestrictedSecant"
+
+    def __init__(self, every: Any = 1, samples: int = 8, *, reference: Any = None, sketch: int | None = None,
+                 weight_decay: float | None = None, bn_mode: str = "train", quantiles: Sequence[float] = QUANTILES,
+                 tail: float = 0.1, bound_quantile: float = 0.05, null_level: float = 0.95, seed: int = 0) -> None:
+        super().__init__(every, bn_mode=bn_mode, seed=seed)  # type: ignore[arg-type]
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+            raise ValueError(f"samples must be a non-negative int (number of probe batches), got {samples!r}")
+        if sketch is not None and (not isinstance(sketch, int) or sketch < 1):
+            raise ValueError(f"sketch must be a positive int (the sketch dimension k) or None, got {sketch!r}")
+        if not 0 <= tail < 1:
+            raise ValueError(f"tail must be in [0, 1), got {tail}")
+        if not 0 < bound_quantile < 0.5:
+            raise ValueError(f"bound_quantile must be in (0, 0.5), got {bound_quantile}")
+        if not 0 < null_level < 1:
+            raise ValueError(f"null_level must be in (0, 1), got {null_level}")
+        if any(not 0 <= q <= 1 for q in quantiles):
+            raise ValueError("quantiles must lie in [0, 1]")
+        self.samples = samples
+        self.reference = reference
+        self.sketch_k = sketch
+        self.weight_decay_override = weight_decay
+        self.quantiles = tuple(float(q) for q in quantiles)
+        self.tail, self.bound_quantile, self.null_level = float(tail), float(bound_quantile), float(null_level)
+        self._ref: Tensor | None = None
+        self._sketch: GaussianSketch | None = None
+        self._dim = 0
+
+    @property
+    def samples_needed(self) -> int:
+        return self.samples
+
+    def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
+        self._dim = functional.dim
+        if self.reference is not None:
+            self._ref = _load_reference(self.reference, functional)
+        if self.sketch_k is not None:
+            self._sketch = GaussianSketch(self.sketch_k, functional.dim, seed=self.seed, device=functional.device)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "samples": self.samples,
+                "reference": "final iterate" if self.reference is None else (str(self.reference) if isinstance(self.reference, (str, os.PathLike)) else "given"),
+                "sketch": self.sketch_k, "weight_decay": self.weight_decay_override, "tail": self.tail,
+                "bound_quantile": self.bound_quantile, "null_level": self.null_level}
+
+    def _settings(self) -> dict[str, Any]:
+        return {"samples": self.samples, "bn_mode": self.bn_mode, "sketch": self.sketch_k or "none",
+                "reference": "final iterate" if self.reference is None else "given"}
+
+    def _lambda(self, ctx: Context) -> Tensor | None:
+        if self.weight_decay_override is not None:
+            return torch.full_like(ctx.params, float(self.weight_decay_override)) if self.weight_decay_override else None  # type: ignore[arg-type]
+        return ctx.weight_decay
+
+    # -- per step -----------------------------------------------------------------------------
+    def measure(self, ctx: Context) -> Measurement:
+        assert ctx.params is not None and ctx.grad is not None and ctx.update is not None
+        fm, w = ctx.functional, ctx.params
+        out = Measurement()
+        settings = self._settings()
+        directions: dict[str, Tensor] = {"grad": ctx.grad, "update": -ctx.update}
+        lam = self._lambda(ctx)
+        if lam is not None:
+            directions["grad_wd"] = ctx.grad + lam * w
+        if self.samples:
+            losses, grads = zip(*(fm.loss_and_grad(w, b) for b in ctx.probe_batches[: self.samples]))
+            G = torch.stack(grads)
+            directions["sample"] = G
+            out.values["sample_loss"] = var("sample_loss", torch.stack(losses).double(), ("sample",), **settings)
+            out.values["grad_norm"] = var("grad_norm", torch.linalg.vector_norm(G.double(), dim=1), ("sample",), **settings)
+        out.values["grad_norm_train"] = var("grad_norm_train", torch.linalg.vector_norm(ctx.grad.double()), (), **settings)
+        if self._ref is not None:
+            y = (w - self._ref).double()
+            out.values["dist_to_ref"] = var("dist_to_ref", torch.linalg.vector_norm(y), (), **settings)
+            for suffix, key in VARIANTS.items():
+                if key not in directions:
+                    continue
+                D = directions[key].double()
+                q = secant_quantities((D @ y).numpy(force=True), torch.linalg.vector_norm(D, dim=-1).numpy(force=True),
+                                      np.full(D.shape[:-1], float(torch.linalg.vector_norm(y))))
+                dims = ("sample",) if key == "sample" else ()
+                for name, value in q.items():
+                    out.values[name + suffix] = var(name + suffix, value, dims, **settings, **self._variant_attrs(suffix, lam))
+            return out
+        # Against the final iterate: stream the vectors; the numbers come at close().
+        sk = self._sketch
+        vec_dim = "sketch" if sk is not None else "param"
+        out.trajectory["params"] = var_vec(sk(w) if sk else w, (vec_dim,), "parameters w_t", sk)
+        out.trajectory["grad"] = var_vec(sk(ctx.grad) if sk else ctx.grad, (vec_dim,), "training gradient g_t", sk)
+        out.trajectory["update"] = var_vec(sk(ctx.update) if sk else ctx.update, (vec_dim,), "update w_{t+1} - w_t", sk)
+        if sk is not None and lam is not None:
+            out.trajectory["grad_wd"] = var_vec(sk(directions["grad_wd"]), (vec_dim,), "g_t + lambda w_t", sk)
+        if self.samples:
+            out.trajectory["sample_grad"] = var_vec(sk(directions["sample"]) if sk else directions["sample"], ("sample", vec_dim), "probe-batch gradients", sk)
+        return out
+
+    def _variant_attrs(self, suffix: str, lam: Tensor | None) -> dict[str, Any]:
+        if suffix == "_wd":
+            values = sorted({float(v) for v in torch.unique(lam).tolist()}) if lam is not None else [0.0]
+            return {"weight_decay": values[0] if len(values) == 1 else values}
+        return {}
+
+    # -- at close -------------------------------------------------------------------------------
+    def finalize(self, ctx: Context) -> xr.Dataset | None:
+        settings = self._settings()
+        if self._ref is not None:
+            assert ctx.dataset is not None
+            ds = ctx.dataset()
+            names = [n for n in ("rsi", "eb", "gamma", "rsi_train", "eb_train") if n in ds]
+            if not names:
+                return None
+            data = ds[names].load()
+        else:
+            data = self._against_final(ctx, settings)
+            if data is None:
+                return None
+        source = "" if self.samples else "_train"
+        dim = self.sketch_k or self._dim
+        summary = summarize(data, dim=dim, source=source, quantiles=self.quantiles, tail=self.tail,
+                            bound_quantile=self.bound_quantile, null_level=self.null_level, settings=settings)
+        if self._ref is not None:
+            return summary
+        return xr.merge([data, summary], compat="override", join="outer")
+
+    def _against_final(self, ctx: Context, settings: dict[str, Any]) -> xr.Dataset | None:
+        assert ctx.final_params is not None and ctx.trajectory is not None
+        sk = self._sketch
+        wT = (sk(ctx.final_params) if sk else ctx.final_params).double().cpu().numpy()
+        lam = None
+        if sk is None:
+            lam_t = self._lambda(Context(step=0, functional=ctx.functional, model=ctx.model, optimizer=ctx.optimizer,
+                                         probe_batches=[], params=ctx.final_params, weight_decay=ctx.weight_decay))
+            lam = lam_t.double().cpu().numpy() if lam_t is not None else None
+        blocks: dict[str, list[np.ndarray]] = {}
+        all_steps: list[np.ndarray] = []
+        for steps, arrs in ctx.trajectory(["params", "grad", "update", "grad_wd", "sample_grad"]):
+            P = arrs["params"].astype(np.float64)
+            Y = P - wT
+            dist = np.linalg.norm(Y, axis=1)
+            dirs = {"_train": arrs["grad"].astype(np.float64), "_update": -arrs["update"].astype(np.float64)}
+            if "grad_wd" in arrs:
+                dirs["_wd"] = arrs["grad_wd"].astype(np.float64)
+            elif lam is not None:
+                dirs["_wd"] = dirs["_train"] + lam * P
+            if "sample_grad" in arrs:
+                dirs[""] = arrs["sample_grad"].astype(np.float64)
+            for suffix, D in dirs.items():
+                if D.ndim == 3:
+                    dot, gn, dd = np.einsum("mkd,md->mk", D, Y), np.linalg.norm(D, axis=2), dist[:, None].repeat(D.shape[1], 1)
+                else:
+                    dot, gn, dd = np.einsum("md,md->m", D, Y), np.linalg.norm(D, axis=1), dist
+                for name, value in secant_quantities(dot, gn, dd).items():
+                    blocks.setdefault(name + suffix, []).append(value)
+            blocks.setdefault("dist_to_ref", []).append(dist)
+            all_steps.append(steps)
+        if not all_steps:
+            return None
+        steps = np.concatenate(all_steps)
+        ds = xr.Dataset(coords={"step": steps})
+        lam_attrs = {}
+        if lam is not None or ctx.weight_decay is not None or self.weight_decay_override:
+            lam_attrs = self._variant_attrs("_wd", torch.as_tensor(lam) if lam is not None else ctx.weight_decay)
+        for name, parts in blocks.items():
+            value = np.concatenate(parts)
+            dims = ("step", "sample") if value.ndim == 2 else ("step",)
+            extra = lam_attrs if name.endswith("_wd") else {}
+            ds[name] = (dims, value, attrs_for(name, **settings, **extra))
+        if "sample" in ds.dims:
+            ds = ds.assign_coords(sample=np.arange(ds.sizes["sample"]))
+        return ds
+
+
+def var_vec(x: Tensor, dims: tuple[str, ...], what: str, sk: GaussianSketch | None):  # type: ignore[no-untyped-def]
+    """A trajectory vector with attrs saying what it is and how it was sketched."""
+    from landscape.schema import Var
+
+    attrs: dict[str, Any] = {"long_name": what, "units": "1", "probe": "RestrictedSecant"}
+    if sk is not None:
+        attrs["sketch"] = sk.describe()
+    return Var(dims, x.detach().to(torch.float32), attrs)
