@@ -96,6 +96,11 @@ def trainable_parameters(
     Raises a clear error when there is nothing to measure.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(
+            "the model has no trainable parameters (all have requires_grad=False): there is no "
+            "loss landscape to measure; unfreeze at least one parameter"
+        )
     if optimizer is not None:
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         named = [(n, p) for n, p in named if id(p) in in_opt]
@@ -104,11 +109,6 @@ def trainable_parameters(
                 "none of the model's trainable parameters is in the optimizer: pass the optimizer "
                 "built from model.parameters() (or a subset of them)"
             )
-    if not named:
-        raise ValueError(
-            "the model has no trainable parameters (all have requires_grad=False): there is no "
-            "loss landscape to measure; unfreeze at least one parameter"
-        )
     return named
 
 

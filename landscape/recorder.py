@@ -187,6 +187,10 @@ class Recorder:
         for k, v in scalars.items():
             self._logged[k] = float(v.detach()) if isinstance(v, Tensor) else float(v)
 
+    def annotate(self, **attrs: Any) -> None:
+        """Store run-level results in the dataset attrs (e.g. ``test_accuracy=0.97``)."""
+        self.writer.set_attrs(**attrs)
+
     def _take_loss(self) -> tuple[float, bool]:
         """The step's loss and whether one was seen at all."""
         seen = True

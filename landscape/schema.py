@@ -45,11 +45,11 @@ _SECANT_DOC = {
     "gamma": ("gamma = cos(g, w - w*)", "RSI / EB; > 0 means -g points towards w*"),
     "eta_star": ("locally optimal step eta*", "<g, w - w*> / |g|^2 = RSI / EB^2"),
 }
-_SECANT_VARIANTS = {
-    "": (("step", "sample"), "gradient on a fixed probe batch"),
-    "_train": (("step",), "training minibatch gradient the optimizer received (before momentum/Adam)"),
-    "_wd": (("step",), "weight-decay-corrected training gradient g + lambda w"),
-    "_update": (("step",), "realised update direction -(w_{t+1} - w_t); eta*_update is the optimal multiple of the step taken"),
+_SECANT_VARIANTS = {  # suffix: (dims, short label, what g is)
+    "": (("step", "sample"), "probe batch", "gradient on a fixed probe batch"),
+    "_train": (("step",), "training gradient", "training minibatch gradient the optimizer received (before momentum/Adam)"),
+    "_wd": (("step",), "g + lambda w", "weight-decay-corrected training gradient g + lambda w"),
+    "_update": (("step",), "realised update", "realised update direction -(w_{t+1} - w_t); eta*_update is the optimal multiple of the step taken"),
 }
 
 VARIABLES: dict[str, VarSpec] = {
@@ -81,9 +81,9 @@ VARIABLES: dict[str, VarSpec] = {
                           "central interval of cos(u, w - w*) for u uniform on the sphere in d dims (widened by the sketch error in sketch mode)"),
     "gamma_above_null": VarSpec(("step",), "fraction of samples with gamma above the null band", "1", "RestrictedSecant", ""),
 }
-for _suffix, (_dims, _what) in _SECANT_VARIANTS.items():
+for _suffix, (_dims, _label, _what) in _SECANT_VARIANTS.items():
     for _name, (_long, _formula) in _SECANT_DOC.items():
-        VARIABLES[_name + _suffix] = VarSpec(_dims, f"{_long} ({_what.split(' (')[0]})", "1", "RestrictedSecant", f"{_formula}; g = {_what}")
+        VARIABLES[_name + _suffix] = VarSpec(_dims, f"{_long} ({_label})", "1", "RestrictedSecant", f"{_formula}; g = {_what}")
 
 
 def attrs_for(name: str, **settings: object) -> dict[str, object]:

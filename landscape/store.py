@@ -331,11 +331,14 @@ class RunWriter:
                                dtype=data.dtype if data.dtype.kind in "fbi" else np.float64)
                 full[rows] = data
                 data = full
-            if data.dtype.kind in "OU":
-                data = data.astype(str)  # fixed-width unicode: zarr has no "object" type
             if name in self.root:
                 del self.root[name]
-            self.root.create_array(name, data=data, dimension_names=dims, attributes=_jsonable(dict(da.attrs)),
+            attrs = _jsonable(dict(da.attrs))
+            if data.dtype.kind in "OU":  # labels: zarr's variable-length UTF-8 strings (a specified v3 type)
+                arr = self.root.create_array(name, shape=data.shape, dtype=str, dimension_names=dims, attributes=attrs)
+                arr[...] = data.astype(str)
+                continue
+            self.root.create_array(name, data=data, dimension_names=dims, attributes=attrs,
                                    chunks=data.shape if data.ndim else None, compressors=None)
 
     def set_attrs(self, **attrs: Any) -> None:

@@ -1,0 +1,49 @@
+"""Small shared pieces for the tests: digits data and a training loop."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from landscape.data import load_digits, split
+
+
+@lru_cache(maxsize=1)
+def digits() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    X, y = load_digits()
+    return split(X, y, 0.8, seed=0)
+
+
+def loader(seed: int = 0, batch_size: int = 64, n: int | None = None) -> torch.utils.data.DataLoader:
+    (X, y), _ = digits()
+    if n is not None:
+        X, y = X[:n], y[:n]
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, *, seed: int = 0,
+          on_step: Callable[[int, torch.Tensor], None] | None = None, clip: float | None = None,
+          scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, n: int | None = None) -> list[float]:
+    """The user's plain loop; returns the training losses."""
+    losses: list[float] = []
+    step = 0
+    while step < steps:
+        for xb, yb in loader(seed + step, n=n):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(step, loss)
+            step += 1
+            if step == steps:
+                break
+    return losses

@@ -1,0 +1,295 @@
+"""The recorder: unchanged trajectories, what it captures, faults and bad input."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import digits, loader, train
+
+import landscape
+from landscape.models import DigitsCNN, DigitsMLP
+from landscape.schema import var
+from probes import Measurement, Probe, RestrictedSecant
+
+
+def _snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    for i, (p, s) in enumerate(opt.state.items()):
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor):
+                state[f"opt.{i}.{k}"] = v.clone()
+    return state
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    lambda p: torch.optim.Adam(p, lr=2e-3, weight_decay=1e-4),
+], ids=["sgd-momentum-wd", "adam"])
+def test_trajectory_bitwise_unchanged(tmp_path, make_opt):
+    """Same seed, same final weights, BN buffers and optimizer state, with or without probes
+    (the CNN has dropout, so a probe touching the global RNG would show)."""
+    finals = []
+    for recorded in (False, True):
+        torch.manual_seed(0)
+        model = DigitsCNN(channels=4)
+        opt = make_opt(model.parameters())
+        rec = None
+        if recorded:
+            rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=loader(seed=9, batch_size=32),
+                                   probes=[RestrictedSecant(every=3, samples=2)], store=tmp_path / "r.zarr")
+        torch.manual_seed(1)  # dropout draws from the global RNG from here on
+        losses = train(model, opt, 25)
+        if rec is not None:
+            rec.close()
+        finals.append((_snapshot(model, opt), losses))
+    (a, la), (b, lb) = finals
+    assert la == lb
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ds = landscape.open_run(tmp_path / "r.zarr")
+    np.testing.assert_array_equal(ds.loss.values, np.asarray(la))  # the loss the loop saw, captured exactly
+    assert np.isfinite(ds.gamma.values[::3]).all() and np.isnan(ds.gamma.values[1::3]).all()
+
+
+def test_closure_accumulation_clipping_scheduler(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD([{"params": model.net[1].parameters(), "lr": 0.1},
+                           {"params": [p for m in (model.net[3], model.net[5]) for p in m.parameters()], "lr": 0.05}])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0)],
+                           store=tmp_path / "r.zarr")
+    batches = [b for b, _ in zip(loader(), range(6))]
+    expected_loss, expected_lr, grads, updates = [], [], [], []
+    for i, (xb, yb) in enumerate(batches):
+        expected_lr.append([g["lr"] for g in opt.param_groups])
+        before = torch.cat([p.detach().reshape(-1).clone() for p in rec.functional.params])
+        if i % 3 == 0:  # closure
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(model(xb), yb)
+                loss.backward()
+                return loss
+            value = opt.step(closure)
+            expected_loss.append(float(value))
+            grads.append(rec.functional.flat_grad())
+        elif i % 3 == 1:  # gradient accumulation over two halves
+            opt.zero_grad()
+            halves = [(xb[:32], yb[:32]), (xb[32:], yb[32:])]
+            total = 0.0
+            for hx, hy in halves:
+                part = F.cross_entropy(model(hx), hy) / 2
+                part.backward()
+                total += part.item()
+            expected_loss.append(total)
+            grads.append(rec.functional.flat_grad())
+            opt.step()
+        else:  # clipping: the recorded gradient is the clipped one the optimizer used
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+            grads.append(rec.functional.flat_grad())
+            expected_loss.append(float(loss))
+            opt.step()
+        after = torch.cat([p.detach().reshape(-1).clone() for p in rec.functional.params])
+        updates.append(after - before)
+        sched.step()
+    rec.close()
+    ds = landscape.open_run(tmp_path / "r.zarr")
+    np.testing.assert_allclose(ds.loss.values, expected_loss, rtol=1e-6)
+    lrs = np.asarray(expected_lr)
+    np.testing.assert_array_equal(ds.lr.values, lrs[:, 0])
+    np.testing.assert_array_equal(ds.lr_group.values, lrs)
+    traj = landscape.open_trajectory(tmp_path / "r.zarr")
+    np.testing.assert_allclose(traj["grad"].values, torch.stack(grads).numpy(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(traj["update"].values, torch.stack(updates).numpy(), rtol=1e-5, atol=1e-9)
+    assert float(torch.linalg.vector_norm(grads[2])) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_log_overrides_and_extra_scalars(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with landscape.attach(model, opt, loss_fn=F.cross_entropy, store=tmp_path / "r.zarr") as rec:
+        for i, (xb, yb) in zip(range(3), loader()):
+            opt.zero_grad()
+            out = model(xb)
+            F.cross_entropy(out, yb).backward()
+            rec.log(loss=10.0 + i, accuracy=(out.argmax(1) == yb).float().mean())
+            opt.step()
+    ds = landscape.open_run(tmp_path / "r.zarr")
+    assert ds.loss.values.tolist() == [10.0, 11.0, 12.0]
+    assert ds.accuracy.shape == (3,) and ds.accuracy.attrs["probe"] == "user"
+
+
+def test_no_loss_seen_warns_and_records_nan(tmp_path):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    model = torch.nn.Linear(3, 1)
+    model.weight = w  # type: ignore[assignment]
+    rec = landscape.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=F.mse_loss, store=tmp_path / "r.zarr")
+    with pytest.warns(RuntimeWarning, match="rec.log"):
+        for _ in range(2):
+            rec.optimizer.zero_grad()
+            (w.sum() ** 2).backward()  # no model(...) call: nothing to capture
+            rec.optimizer.step()
+    rec.close()
+    assert np.isnan(landscape.open_run(tmp_path / "r.zarr").loss.values).all()
+    del opt
+
+
+def test_nonfinite_loss_and_gradient_recorded_not_raised(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0)],
+                           store=tmp_path / "r.zarr")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, (xb, yb) in zip(range(6), loader()):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            if i >= 3:
+                loss = loss * float("nan")  # the run diverges at step 3
+            loss.backward()
+            opt.step()
+        rec.close()
+    ds = landscape.open_run(tmp_path / "r.zarr")
+    assert np.isfinite(ds.loss.values[:3]).all() and np.isnan(ds.loss.values[3:]).all()
+    assert ds.nonfinite.values.tolist() == [0, 0, 0, 3, 3, 3]  # 1 = loss, 2 = gradient
+    assert np.isnan(ds.rsi_train.values[3:]).all()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert sum("non-finite training loss" in m for m in messages) == 1
+    assert sum("non-finite gradient" in m for m in messages) == 1
+
+
+class _Flaky(Probe):
+    name = "Flaky"
+
+    def measure(self, ctx):
+        if ctx.step % 2:
+            raise RuntimeError("boom at odd steps")
+        return Measurement(values={"loss_probe": var("loss", np.float64(ctx.step), ())})
+
+
+def test_probe_exception_is_recorded_and_training_goes_on(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=loader(batch_size=16),
+                           probes=[_Flaky(every=1), RestrictedSecant(every=2, samples=1)], store=tmp_path / "r.zarr")
+    with pytest.warns(RuntimeWarning, match="probe Flaky failed at step 1") as record:
+        losses = train(model, opt, 6)
+        rec.close()
+    assert sum("Flaky" in str(w.message) for w in record) == 1  # warned once
+    ds = landscape.open_run(tmp_path / "r.zarr")
+    assert ds.probe_failed.values.tolist() == [0, 1, 0, 1, 0, 1]
+    assert ds.attrs["probe_errors"]["Flaky"]["count"] == 3
+    assert "boom at odd steps" in ds.attrs["probe_errors"]["Flaky"]["error"]
+    np.testing.assert_array_equal(ds.loss.values, losses)
+    assert np.isfinite(ds.rsi.values[::2]).all()  # the other probe is intact
+    assert ds.loss_probe.values[0] == 0.0 and np.isnan(ds.loss_probe.values[1])
+
+
+def test_bad_arguments_raise_before_training(tmp_path):
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "r.zarr"
+    frozen = DigitsMLP(hidden=8).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        landscape.attach(frozen, torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), loss_fn=F.cross_entropy, store=path)
+    with pytest.raises(ValueError, match="none of the model's trainable parameters is in the optimizer"):
+        landscape.attach(model, torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), loss_fn=F.cross_entropy, store=path)
+    with pytest.raises(ValueError, match="probe_data is required"):
+        landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(samples=2)], store=path)
+    with pytest.raises(ValueError, match="empty"):
+        landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(samples=2)], probe_data=[], store=path)
+    with pytest.raises(ValueError, match="tuple"):
+        landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(samples=1)],
+                         probe_data=[{"x": torch.ones(2, 64)}], store=path)
+    with pytest.raises(ValueError, match="2 batches but the probes need 4"):
+        landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(samples=4)],
+                         probe_data=[b for b, _ in zip(loader(), range(2))], store=path)
+    with pytest.raises(TypeError, match="sampels"):
+        RestrictedSecant(every=5, sampels=3)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="not a cadence"):
+        RestrictedSecant(every="weekly")
+    with pytest.raises(ValueError, match="samples must be"):
+        RestrictedSecant(samples=-1)
+    with pytest.raises(TypeError, match="Probe instances"):
+        landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=["RestrictedSecant"], store=path)  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        landscape.attach(model, opt, loss_fn="cross_entropy", store=path)  # type: ignore[arg-type]
+    assert not path.exists()  # nothing was created by the failed attempts
+    landscape.attach(model, opt, loss_fn=F.cross_entropy, store=path).close()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        landscape.attach(model, opt, loss_fn=F.cross_entropy, store=path)
+    assert not opt._optimizer_step_pre_hooks  # the refused attach left no hook behind
+
+
+def test_close_detaches_and_is_idempotent(tmp_path):
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with landscape.attach(model, opt, loss_fn=F.cross_entropy, store=tmp_path / "r.zarr") as rec:
+        train(model, opt, 3)
+    rec.close()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    train(model, opt, 2)  # training after close is not recorded and does not fail
+    assert landscape.open_run(tmp_path / "r.zarr").sizes["step"] == 3
+
+
+# log-spaced with 8 per decade: every step below 8, then round(10^(j/8)) -> 10 is the next one
+@pytest.mark.parametrize("every, expected", [([0, 4, 5], [0, 4, 5]),
+                                             ("log", sorted(set(range(8)) | {round(10 ** (j / 8)) for j in range(9)}))])
+def test_cadences(tmp_path, every, expected):
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=every, samples=0)],
+                          store=tmp_path / "r.zarr"):
+        train(model, opt, 11)
+    ds = landscape.open_run(tmp_path / "r.zarr")
+    measured = ds.step.values[np.isfinite(ds.grad_norm_train.values)].tolist()
+    assert measured == expected
+
+
+class NotATensor:
+    """An arbitrary pickled object: weights_only=True must refuse to load it."""
+
+
+def test_reference_from_checkpoint_uses_weights_only(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    ref = {k: v + 0.1 for k, v in model.state_dict().items()}
+    torch.save(ref, tmp_path / "ref.pt")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=loader(batch_size=16),
+                          probes=[RestrictedSecant(every=1, samples=1, reference=tmp_path / "ref.pt")], store=tmp_path / "r.zarr") as rec:
+        w0 = rec.functional.flat_params()
+        train(model, opt, 2)
+    ds = landscape.open_run(tmp_path / "r.zarr")
+    wref = torch.cat([ref[n].reshape(-1) for n in rec.functional.layout.names])
+    assert ds.dist_to_ref.values[0] == pytest.approx(float(torch.linalg.vector_norm(w0 - wref)), rel=1e-6)
+    torch.save({"net.1.weight": NotATensor()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=loader(batch_size=16),
+                         probes=[RestrictedSecant(samples=1, reference=tmp_path / "evil.pt")], store=tmp_path / "s.zarr")
+
+
+def test_probe_batches_from_dataloader_do_not_move_the_rng(tmp_path):
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = torch.get_rng_state()
+    (X, y), _ = digits()
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=16, shuffle=True)  # global RNG
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=dl, probes=[RestrictedSecant(samples=3)],
+                           store=tmp_path / "r.zarr")
+    assert torch.equal(state, torch.get_rng_state())
+    assert len(rec.probe_batches) == 3 and all(len(b[0]) == 16 for b in rec.probe_batches)
+    rec.close()
