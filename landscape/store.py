@@ -12,6 +12,7 @@ Reading. :func:`open_run` checks the schema version and returns the committed ro
 """
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import json
 import os
@@ -31,6 +32,7 @@ from landscape.schema import SCHEMA_VERSION, Var, compatible
 
 COMMIT = ".landscape-commit.json"  # a dot name: zarr does not list it as a node
 _COMMIT_BYTES = 256
+_STEP_ATTRS = {"long_name": "optimizer step", "units": "1"}
 TRAJECTORY = "trajectory"
 _BIG_ROW = 4096  # rows with at least this many elements get a chunk (and a file) each
 _CHUNK_BYTES = 64 * 1024  # target chunk size for small rows
@@ -38,6 +40,14 @@ _CHUNK_BYTES = 64 * 1024  # target chunk size for small rows
 
 class StoreError(Exception):
     """A store that cannot be created or read, with what to do about it."""
+
+
+@contextlib.contextmanager
+def _quiet_zarr() -> Iterator[None]:
+    """zarr notes our commit record as a non-zarr object when it lists a group: expected."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        yield
 
 
 def _atomic_write(path: Path, data: bytes | memoryview) -> None:
@@ -223,9 +233,12 @@ class RunWriter:
             self.root.attrs.update(_jsonable({"landscape_schema": SCHEMA_VERSION, **attrs}))
             commit = {"rows": 0, "records": 0, "step0": None}
             self.step0 = None
-        self.traj_group = self.root.require_group(TRAJECTORY)
-        self.steps = _Table(self.root, self.path, "step", int(commit["rows"]))
-        self.records = _Table(self.traj_group, self.path / TRAJECTORY, "record", int(commit["records"]))
+        with _quiet_zarr():
+            self.traj_group = self.root.require_group(TRAJECTORY)
+            self.steps = _Table(self.root, self.path, "step", int(commit["rows"]))
+            self.records = _Table(self.traj_group, self.path / TRAJECTORY, "record", int(commit["records"]))
+        for table in (self.steps, self.records):  # the row coordinate exists even before the first row
+            table.ensure("step", (), np.zeros((), np.int64), _STEP_ATTRS)
         if not resume:
             _atomic_write(self.path / COMMIT, b" " * _COMMIT_BYTES)
         self._commit_fd = os.open(self.path / COMMIT, os.O_WRONLY)
@@ -260,9 +273,10 @@ class RunWriter:
             self.step0 = rec.step
         if rec.step - self.step0 != self.steps.rows:
             raise StoreError(f"step {rec.step} out of order: the store expects step {self.step0 + self.steps.rows}")
-        self.steps.write_row({"step": Var((), np.int64(rec.step), {"long_name": "optimizer step", "units": "1"}), **rec.values})
+        step = Var((), np.int64(rec.step), _STEP_ATTRS)
+        self.steps.write_row({"step": step, **rec.values})
         if rec.trajectory:
-            self.records.write_row({"step": Var((), np.int64(rec.step), {"long_name": "optimizer step", "units": "1"}), **rec.trajectory})
+            self.records.write_row({"step": step, **rec.trajectory})
         self._commit(closed=False)
 
     def _commit(self, closed: bool) -> None:
@@ -315,31 +329,32 @@ class RunWriter:
         """Write finalize results: variables over a subset of steps are placed on their rows."""
         self.flush()
         steps = np.asarray(self.steps.columns["step"].array[: self.steps.rows]) if "step" in self.steps.columns else np.zeros(0, np.int64)
-        for name, da in ds.variables.items():
-            if name == "step":
-                continue
-            data = np.asarray(da.values)
-            dims = tuple(da.dims)
-            if "step" in dims:
-                if dims[0] != "step":
-                    da = da.transpose("step", ...)
-                    dims, data = tuple(da.dims), np.asarray(da.values)
-                rows = np.searchsorted(steps, np.asarray(ds["step"].values))
-                if np.any(rows >= len(steps)) or np.any(steps[np.minimum(rows, len(steps) - 1)] != ds["step"].values):
-                    raise StoreError(f"{name}: results for steps that were never recorded")
-                full = np.full((len(steps), *data.shape[1:]), _fill(np.dtype(data.dtype) if data.dtype != np.bool_ else np.dtype(bool)),
-                               dtype=data.dtype if data.dtype.kind in "fbi" else np.float64)
-                full[rows] = data
-                data = full
-            if name in self.root:
-                del self.root[name]
-            attrs = _jsonable(dict(da.attrs))
-            if data.dtype.kind in "OU":  # labels: zarr's variable-length UTF-8 strings (a specified v3 type)
-                arr = self.root.create_array(name, shape=data.shape, dtype=str, dimension_names=dims, attributes=attrs)
-                arr[...] = data.astype(str)
-                continue
-            self.root.create_array(name, data=data, dimension_names=dims, attributes=attrs,
-                                   chunks=data.shape if data.ndim else None, compressors=None)
+        with _quiet_zarr():
+            for name, da in ds.variables.items():
+                if name == "step":
+                    continue
+                data = np.asarray(da.values)
+                dims = tuple(da.dims)
+                if "step" in dims:
+                    if dims[0] != "step":
+                        da = da.transpose("step", ...)
+                        dims, data = tuple(da.dims), np.asarray(da.values)
+                    rows = np.searchsorted(steps, np.asarray(ds["step"].values))
+                    if np.any(rows >= len(steps)) or np.any(steps[np.minimum(rows, len(steps) - 1)] != ds["step"].values):
+                        raise StoreError(f"{name}: results for steps that were never recorded")
+                    full = np.full((len(steps), *data.shape[1:]), _fill(np.dtype(data.dtype) if data.dtype != np.bool_ else np.dtype(bool)),
+                                   dtype=data.dtype if data.dtype.kind in "fbi" else np.float64)
+                    full[rows] = data
+                    data = full
+                if name in self.root:
+                    del self.root[name]
+                attrs = _jsonable(dict(da.attrs))
+                if data.dtype.kind in "OU":  # labels: zarr's variable-length UTF-8 strings (a specified v3 type)
+                    arr = self.root.create_array(name, shape=data.shape, dtype=str, dimension_names=dims, attributes=attrs)
+                    arr[...] = data.astype(str)
+                    continue
+                self.root.create_array(name, data=data, dimension_names=dims, attributes=attrs,
+                                       chunks=data.shape if data.ndim else None, compressors=None)
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update dataset attrs (JSON-able)."""
@@ -394,9 +409,7 @@ def _check_store(path: Path) -> dict[str, Any]:
 
 
 def _open_group(path: Path, group: str | None, chunks: Any) -> xr.Dataset:
-    with warnings.catch_warnings():
-        # zarr notes the commit record as a non-zarr object; it is ours and expected.
-        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+    with _quiet_zarr():
         return xr.open_zarr(str(path), group=group, consolidated=False, chunks=chunks, mask_and_scale=False,
                             decode_times=False, zarr_format=3)
 

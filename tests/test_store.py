@@ -1,0 +1,211 @@
+"""The store: crash safety, the schema check, many runs, netCDF, overwrite/resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import xarray as xr
+import zarr
+from _helpers import loader, train
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import landscape
+from landscape.cli import main as cli_main
+from landscape.models import DigitsMLP
+from landscape.schema import Var
+from landscape.store import RunWriter, StoreError
+from probes import RestrictedSecant
+
+CHILD = textwrap.dedent("""
+    import sys, torch, torch.nn.functional as F
+    import landscape
+    from landscape.data import load_digits
+    from landscape.models import DigitsMLP
+    from probes import RestrictedSecant
+    store, log = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    X, y = load_digits()
+    model = DigitsMLP(hidden=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=(X, y), probe_batch_size=32,
+                           probes=[RestrictedSecant(every=2, samples=2)], store=store)
+    with open(log, "w") as f:
+        step = 0
+        while True:  # until killed
+            i = (step * 32) % 1760
+            opt.zero_grad(); loss = F.cross_entropy(model(X[i:i + 32]), y[i:i + 32]); loss.backward(); opt.step()
+            f.write(f"{step} {loss.item()!r}\\n"); f.flush()
+            step += 1
+""")
+
+
+def test_kill_9_leaves_every_committed_step_readable(tmp_path):
+    store, log = tmp_path / "run.zarr", tmp_path / "steps.log"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.Popen([sys.executable, str(script), str(store), str(log)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if log.exists() and len(log.read_text().splitlines()) >= 150:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"child died: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        else:
+            pytest.fail("child made no progress")
+        os.kill(proc.pid, signal.SIGKILL)  # mid-run, no chance to flush or close
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = log.read_text().splitlines()
+    losses = {int(a): float(b) for a, b in (ln.split() for ln in lines if len(ln.split()) == 2)}
+    ds = landscape.open_run(store)
+    n = ds.sizes["step"]
+    assert not ds.attrs["closed"]
+    # The writer lags training by at most its queue: almost every step the child finished is there.
+    assert n >= len(losses) - 12
+    assert ds.step.values.tolist() == list(range(n))
+    recorded = ds.loss.values
+    assert np.isfinite(recorded).all()
+    assert recorded.tolist() == [losses[i] for i in range(n)]  # bitwise the values training saw
+    assert np.isfinite(ds.grad_norm.values[::2]).all()
+    traj = landscape.open_trajectory(store)
+    m = traj.sizes["record"]
+    assert m >= (n - 1) // 2
+    assert traj.step.values.tolist() == list(range(0, 2 * m, 2))
+    for name in ("params", "grad", "update", "sample_grad"):
+        assert np.isfinite(traj[name].values).all(), name
+    # the killed run can be inspected and resumed
+    assert cli_main(["info", str(store)]) == 0
+    model = DigitsMLP(hidden=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with landscape.attach(model, opt, loss_fn=F.cross_entropy, store=store, resume=True):
+        train(model, opt, 3)
+    resumed = landscape.open_run(store)
+    assert resumed.sizes["step"] == n + 3 and resumed.step.values[-1] == n + 2
+    np.testing.assert_array_equal(resumed.loss.values[:n], recorded)
+
+
+def _small_run(path: Path, optimizer: str, seed: int, steps: int) -> None:
+    torch.manual_seed(seed)
+    model = DigitsMLP(hidden=8)
+    opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(model.parameters(), lr=0.01)
+    with landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=loader(batch_size=16),
+                          probes=[RestrictedSecant(every=2, samples=2)], store=path,
+                          run={"optimizer": optimizer, "seed": seed, "lr": 0.01}):
+        train(model, opt, steps, seed=seed)
+
+
+def test_open_runs_concatenates_lazily_with_run_coordinates(tmp_path):
+    specs = [("sgd", 0, 8), ("sgd", 1, 8), ("adam", 0, 6)]
+    for opt, seed, steps in specs:
+        _small_run(tmp_path / f"{opt}-{seed}.zarr", opt, seed, steps)
+    runs = landscape.open_runs(str(tmp_path / "*.zarr"))
+    assert runs.sizes["run"] == 3 and runs.sizes["step"] == 8
+    assert runs.loss.chunks is not None  # dask-backed, nothing loaded yet
+    assert sorted(zip(runs.optimizer.values.tolist(), runs.seed.values.tolist())) == [("adam", 0), ("sgd", 0), ("sgd", 1)]
+    adam = runs.sel(run="adam-0")
+    assert np.isnan(adam.loss.values[6:]).all() and np.isfinite(adam.loss.values[:6]).all()
+    one = landscape.open_run(tmp_path / "sgd-1.zarr")
+    np.testing.assert_array_equal(runs.sel(run="sgd-1").gamma.values, one.gamma.values)
+    assert (runs.lr == 0.01).all()
+    by_opt = runs.loss.groupby("optimizer").mean("run")  # the comparison users make
+    assert set(by_opt.optimizer.values.tolist()) == {"adam", "sgd"}
+    with pytest.raises(StoreError, match="no run store matches"):
+        landscape.open_runs(str(tmp_path / "nothing-*.zarr"))
+
+
+def test_netcdf_export_round_trip(tmp_path):
+    _small_run(tmp_path / "r.zarr", "sgd", 0, 6)
+    ds = landscape.open_run(tmp_path / "r.zarr").load()
+    out = landscape.to_netcdf(tmp_path / "r.zarr", tmp_path / "r.nc")
+    nc = xr.open_dataset(out, engine="h5netcdf").load()
+    for name in ("loss", "rsi", "gamma", "mu_hat", "gamma_null"):
+        np.testing.assert_array_equal(nc[name].values, ds[name].values)
+    assert nc["has_guarantee"].dtype == np.int8
+    assert json.loads(nc.attrs["run"]) == {"optimizer": "sgd", "seed": 0, "lr": 0.01}
+    assert nc["rsi"].attrs["long_name"] == ds["rsi"].attrs["long_name"]
+    assert nc.bound.values.tolist() == ["extreme", "quantile"]
+
+
+def test_schema_errors(tmp_path):
+    with pytest.raises(StoreError, match="no run store"):
+        landscape.open_run(tmp_path / "missing.zarr")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreError, match="not a zarr v3 store"):
+        landscape.open_run(tmp_path / "plain")
+    zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w", zarr_format=3).attrs["hello"] = 1
+    with pytest.raises(StoreError, match="not a landscape run"):
+        landscape.open_run(tmp_path / "foreign.zarr")
+    _small_run(tmp_path / "r.zarr", "sgd", 0, 2)
+    meta = tmp_path / "r.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["landscape_schema"] = "2.0"
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="schema 2.0.*reads 1.x"):
+        landscape.open_run(tmp_path / "r.zarr")
+    doc["attributes"]["landscape_schema"] = "1.7"  # a newer minor version stays readable
+    meta.write_text(json.dumps(doc))
+    assert landscape.open_run(tmp_path / "r.zarr").sizes["step"] == 2
+    (tmp_path / "r.zarr" / ".landscape-commit.json").unlink()
+    with pytest.raises(StoreError, match="not written by landscape.attach"):
+        landscape.open_run(tmp_path / "r.zarr")
+    assert cli_main(["info", str(tmp_path / "foreign.zarr")]) == 2
+
+
+def test_overwrite_and_resume_rules(tmp_path):
+    path = tmp_path / "r.zarr"
+    _small_run(path, "sgd", 0, 4)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        _small_run(path, "sgd", 0, 4)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="contradict"):
+        landscape.attach(model, opt, loss_fn=F.cross_entropy, store=path, overwrite=True, resume=True)
+    with pytest.raises(FileNotFoundError, match="resume=True"):
+        landscape.attach(model, opt, loss_fn=F.cross_entropy, store=tmp_path / "none.zarr", resume=True)
+    landscape.attach(model, opt, loss_fn=F.cross_entropy, store=path, overwrite=True).close()
+    assert landscape.open_run(path).sizes["step"] == 0
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("do not delete")
+    with pytest.raises(StoreError, match="not a zarr store"):
+        landscape.attach(model, opt, loss_fn=F.cross_entropy, store=precious, overwrite=True)
+    assert (precious / "thesis.tex").exists()
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 2600), every=st.integers(1, 50), width=st.sampled_from([1, 3, 5000]))
+def test_writer_round_trip_across_chunks(tmp_path_factory, rows, every, width):
+    """Whatever the number of rows (crossing chunk and capacity boundaries) and the row width,
+    what is read back is what was written, before and after close."""
+    path = tmp_path_factory.mktemp("w") / "r.zarr"
+    w = RunWriter(path, {})
+    rng = np.random.default_rng(rows)
+    expected = rng.standard_normal((rows, width))
+    for i in range(rows):
+        traj = {"v": Var(("param",), expected[i].astype(np.float32), {})} if i % every == 0 else None
+        w.append(i, {"x": Var(("col",), expected[i], {})}, traj)
+    w.flush()
+    live = landscape.open_run(path)
+    np.testing.assert_array_equal(live.x.values, expected.astype(live.x.dtype))
+    w.close()
+    done = landscape.open_run(path)
+    assert zarr.open_array(str(path / "x"), mode="r").shape[0] == rows  # trimmed at close
+    np.testing.assert_array_equal(done.x.values, expected.astype(done.x.dtype))
+    traj = landscape.open_trajectory(path)
+    np.testing.assert_array_equal(traj.v.values, expected[::every].astype(np.float32))
+    np.testing.assert_array_equal(traj.step.values, np.arange(0, rows, every))
