@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Batch = tuple[Any, ...]
 """A batch is ``(*inputs, target)``: the model is called as ``model(*inputs)`` and the loss as
@@ -136,6 +137,7 @@ class FunctionalModel:
         first = self.params[0]
         self.device = first.device
         self.dtype = first.dtype
+        self._param_views: list[Tensor] | None = None
 
     @property
     def dim(self) -> int:
@@ -145,18 +147,24 @@ class FunctionalModel:
     # -- reading the live model --------------------------------------------------------------
     def flat_params(self) -> Tensor:
         """A detached copy of the current parameters as one flat vector."""
+        views = self._param_views
+        # Flat views of the parameters' storage, built once: torch.cat of them is one C call
+        # (the recorder reads w at every recorded step). Rebuilt if a parameter's storage was
+        # swapped (``p.data = ...``).
+        if views is None or any(v.data_ptr() != p.data_ptr() for v, p in zip(views, self.params)):
+            views = self._param_views = [p.detach().reshape(-1) for p in self.params]
         with torch.no_grad():
-            return torch.cat([p.detach().reshape(-1) for p in self.params])
+            return torch.cat(views)
 
     def flat_grad(self) -> Tensor:
         """A copy of the current ``.grad`` as one flat vector (zeros where a grad is None)."""
+        grads = [p.grad for p in self.params]
+        if all(g is not None for g in grads):
+            with torch.no_grad():  # one C call: this runs at every recorded step
+                return torch._utils._flatten_dense_tensors(grads)
         with torch.no_grad():
-            return torch.cat(
-                [
-                    (p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
-                    for p in self.params
-                ]
-            )
+            return torch.cat([(g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+                              for g, p in zip(grads, self.params)])
 
     def unflatten(self, w: Tensor) -> dict[str, Tensor]:
         """Parameter-shaped views of a flat vector."""
@@ -204,14 +212,23 @@ def _as_batch_list(batches: Batch | Sequence[Batch]) -> list[Batch]:
     return [batches]  # type: ignore[list-item]
 
 
+def _second_order_kernels() -> contextlib.AbstractContextManager[None]:
+    """Attention kernels that support double backward and forward-mode AD."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 class HessianOperator:
     """Matrix-free Hessian of the mean loss at a fixed point.
 
     Route ``double_backward`` (Pearlmutter) builds the first-order graph once and reuses it for
     every product: on a 2-core CPU it measured 1.6x (digits MLP) and 2.6x (digits CNN) the cost
     of a gradient per product, against 4.0x / 4.2x for torch.func forward-over-reverse
-    (``fwd_rev``), so ``auto`` picks double backward. ``fwd_rev`` keeps no graph alive and is the
-    fallback for attention kernels without double-backward support.
+    (``fwd_rev``), so ``auto`` picks double backward. ``fwd_rev`` keeps no graph alive (less
+    memory on large models).
+
+    Second derivatives run with the math kernel of ``scaled_dot_product_attention``: the fused CPU
+    (flash) kernel has neither a double backward nor forward-mode AD, so attention models would
+    otherwise fail on both routes. The math kernel computes the same function.
     """
 
     def __init__(
@@ -230,7 +247,7 @@ class HessianOperator:
         self._g: Tensor | None = None
         if self.route == "double_backward":
             leaf = self.w.clone().requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), _second_order_kernels():
                 value = fm.loss(leaf, self.batches)
                 (g,) = torch.autograd.grad(value, leaf, create_graph=True)
             self._leaf, self._g, self.loss = leaf, g, value.detach()
@@ -245,7 +262,8 @@ class HessianOperator:
                 (hv,) = torch.autograd.grad(self._g, self._leaf, v, retain_graph=True)
             return hv.detach()
         grad_fn = torch.func.grad(lambda x: self.fm.loss(x, self.batches))
-        _, hv = torch.func.jvp(grad_fn, (self.w,), (v,))
+        with _second_order_kernels():
+            _, hv = torch.func.jvp(grad_fn, (self.w,), (v,))
         return hv.detach()
 
     def matmat(self, V: Tensor) -> Tensor:
@@ -263,7 +281,8 @@ class HessianOperator:
             return HV.detach().T
         grad_fn = torch.func.grad(lambda x: self.fm.loss(x, self.batches))
         jvp = lambda v: torch.func.jvp(grad_fn, (self.w,), (v,))[1]  # noqa: E731
-        return torch.func.vmap(jvp)(V.T.contiguous()).T
+        with _second_order_kernels():
+            return torch.func.vmap(jvp)(V.T.contiguous()).T
 
     __call__ = matvec
 
@@ -276,7 +295,8 @@ def set_probe_modes(model: nn.Module, bn_mode: BNMode) -> None:
     if bn_mode not in ("eval", "train"):
         raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
     for m in model.modules():
-        m.training = bn_mode == "train" and isinstance(m, _NORM_TYPES)
+        # object.__setattr__: nn.Module.__setattr__ costs microseconds per module per probe call
+        object.__setattr__(m, "training", bn_mode == "train" and isinstance(m, _NORM_TYPES))
 
 
 @contextlib.contextmanager
@@ -288,7 +308,9 @@ def probe_guard(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
     """
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    grads = [(p, p.grad) for p in model.parameters()]
+    # A backward inside the probe accumulates into the existing .grad tensors in place, so keep
+    # their values as well as their identity (optimizers and user code may hold references).
+    grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:
@@ -296,12 +318,15 @@ def probe_guard(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
         yield
     finally:
         for m, flag in modes:
-            m.training = flag
+            object.__setattr__(m, "training", flag)
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-        for p, g in grads:
-            p.grad = g
+        with torch.no_grad():
+            for p, g, saved_g in grads:
+                p.grad = g
+                if g is not None:
+                    g.copy_(saved_g)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
@@ -331,14 +356,19 @@ def draw_batches(source: Any, count: int, *, batch_size: int | None = None, seed
         raise ValueError("probe_data is required by the probes you attached: pass a list of (x, y) batches, a DataLoader, or a (X, Y) pair of tensors")
     if count < 1:
         raise ValueError(f"need at least one probe batch, asked for {count}")
-    # A pair of tensors (X, Y) with matching first dims: split it.
+    # A pair of tensors (X, Y): shuffle with the seed and split it.
     if (
         isinstance(source, (tuple, list))
         and len(source) >= 2
         and all(isinstance(t, Tensor) for t in source)
         and all(t.dim() > 0 for t in source)
-        and len({t.shape[0] for t in source}) == 1
     ):
+        if len({t.shape[0] for t in source}) != 1:
+            sizes = " and ".join(str(int(t.shape[0])) for t in source)
+            raise ValueError(
+                f"probe_data (X, Y) tensors have different numbers of examples ({sizes}): "
+                "pass tensors whose first dimensions match"
+            )
         n = int(source[0].shape[0])
         if n == 0:
             raise ValueError("probe_data is empty (0 examples)")

@@ -19,11 +19,11 @@ class GaussianSketch:
 
     - gamma:      absolute error ~ (1 - gamma^2) / sqrt(k)   (it cannot resolve |gamma| << 1/sqrt(k))
     - EB, norms:  relative error ~ sqrt((1 - gamma^2) / k) <= 1 / sqrt(k)
-    - RSI:        absolute error ~ EB * 2 / sqrt(k)
+    - RSI:        absolute error ~ EB * sqrt(1 - gamma^2) / sqrt(k) <= EB / sqrt(k)
 
-    S is regenerated block by block from ``seed`` (columns in blocks of ``block`` so the same
-    seed gives the same S on any machine and at any d); it is cached while k*d*4 bytes stays
-    under ``cache_bytes``.
+    S is generated block by block from ``seed`` on the CPU generator (columns in blocks of
+    ``block``), so a given (k, d, seed, block) gives the same S on every machine and device, and
+    memory stays at one block when the whole of S (k*d*4 bytes) exceeds ``cache_bytes``.
     """
 
     def __init__(self, k: int, d: int, seed: int = 0, *, block: int = 65536, cache_bytes: int = 256 * 2**20,

@@ -22,7 +22,7 @@ import tempfile
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +32,16 @@ from torch.overrides import TorchFunctionMode
 from landscape.functional import FunctionalModel, draw_batches, move_batch, probe_guard, trainable_parameters
 from landscape.schema import Var, attrs_for
 from landscape.store import RunWriter, open_run
-from probes.base import Context, Measurement, Probe
+# Module import, not names: probes.base imports landscape.functional, which runs this package's
+# __init__ (and so this module) while probes.base is half-initialised when probes is imported first.
+from probes import base as _probe_base
+
+if TYPE_CHECKING:
+    from probes.base import Context, Probe
+
+
+# Built once: the writer reads a variable's attrs only when it creates the array.
+_ATTRS = {name: attrs_for(name) for name in ("loss", "lr", "lr_group", "nonfinite", "probe_failed")}
 
 
 class _BackwardRoots(TorchFunctionMode):
@@ -68,7 +77,22 @@ def _json_hparams(d: dict[str, Any]) -> dict[str, Any]:
 
 
 class Recorder:
-    """Records a training run; create it with :func:`landscape.attach`."""
+    """Records a training run; create it with :func:`landscape.attach`.
+
+    Args:
+        model: the module being trained.
+        optimizer: its optimizer; the recorder hooks into ``optimizer.step()``.
+        loss_fn: ``loss_fn(model(*inputs), target)`` -> mean loss; the probes evaluate it.
+        probe_data: fixed evaluation batches: a list of ``(x, y)``, a DataLoader (batches drawn
+            once, without touching the global RNG), or an ``(X, Y)`` pair split into batches.
+        probes: probe instances, e.g. ``[RestrictedSecant(every=10, samples=8)]``.
+        store: path of the run's zarr store (a temporary folder if omitted).
+        run: metadata such as ``{"optimizer": "sgd", "seed": 0}``; becomes coordinates in
+            :func:`landscape.open_runs`.
+        overwrite: replace an existing store; ``resume``: append to an existing one.
+        probe_batch_size: batch size when ``probe_data`` is an ``(X, Y)`` pair.
+        seed: seed for splitting ``probe_data``.
+    """
 
     def __init__(
         self,
@@ -77,7 +101,7 @@ class Recorder:
         *,
         loss_fn: Callable[[Any, Any], Tensor],
         probe_data: Any = None,
-        probes: Sequence[Probe] = (),
+        probes: Sequence[Probe] | Probe = (),
         store: str | Path | None = None,
         run: dict[str, Any] | None = None,
         overwrite: bool = False,
@@ -90,11 +114,9 @@ class Recorder:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(probes, Probe):
-            probes = [probes]
-        probes = list(probes)
+        probes = [probes] if isinstance(probes, _probe_base.Probe) else list(probes)
         for p in probes:
-            if not isinstance(p, Probe):
+            if not isinstance(p, _probe_base.Probe):
                 raise TypeError(f"probes must be Probe instances (e.g. RestrictedSecant(every=10)), got {p!r}")
         names = [p.name for p in probes]
         if len(set(names)) != len(names):
@@ -199,8 +221,8 @@ class Recorder:
         elif self._closure_loss is not None:
             value = self._closure_loss
         elif self._roots:
-            scalars = [r for r in self._roots if r.numel() == 1]
-            value = float(torch.stack([r.reshape(()) for r in scalars]).sum()) if scalars else math.nan
+            scalars = [float(r) for r in self._roots if r.numel() == 1]
+            value = math.fsum(scalars) if scalars else math.nan
         else:
             value, seen = math.nan, False
             if self.step <= 1:
@@ -261,11 +283,11 @@ class Recorder:
             loss = math.nan
         lrs = pending["lrs"]
         values: dict[str, Var] = {
-            "loss": Var((), np.float64(loss), attrs_for("loss")),
-            "lr": Var((), np.float64(lrs[0]), attrs_for("lr")),
+            "loss": Var((), np.float64(loss), _ATTRS["loss"]),
+            "lr": Var((), np.float64(lrs[0]), _ATTRS["lr"]),
         }
         if len(set(lrs)) > 1:
-            values["lr_group"] = Var(("param_group",), np.asarray(lrs, np.float64), attrs_for("lr_group"))
+            values["lr_group"] = Var(("param_group",), np.asarray(lrs, np.float64), _ATTRS["lr_group"])
         for k, v in self._logged.items():
             values[k] = Var((), np.float64(v), {"long_name": k, "units": "1", "probe": "user"})
         self._logged.clear()
@@ -274,13 +296,15 @@ class Recorder:
         if pending["due"]:
             params = pending["params"]
             grad = pending["grad"] if pending["grad"] is not None else self.functional.flat_grad()
-            if not bool(torch.isfinite(grad).all()):
+            # The norm doubles as the finiteness check (any NaN/Inf makes it non-finite).
+            grad_norm = float(torch.linalg.vector_norm(grad, dtype=torch.float64))
+            if not math.isfinite(grad_norm):
                 flags |= 2
                 self._warn_once("nonfinite-grad", f"non-finite gradient at step {step}: its geometry is recorded as NaN (flag `nonfinite`)")
-            ctx = Context(step=step, functional=self.functional, model=self.model, optimizer=self.optimizer,
+            ctx = _probe_base.Context(step=step, functional=self.functional, model=self.model, optimizer=self.optimizer,
                           probe_batches=self.probe_batches, params=params, grad=grad,
                           update=self.functional.flat_params() - params, loss=loss, lr=lrs[0],
-                          weight_decay=self.weight_decay)
+                          weight_decay=self.weight_decay, grad_norm=grad_norm)
             for probe in pending["due"]:
                 out = self._run_probe(probe, probe.measure, ctx)
                 if out is None:
@@ -288,15 +312,18 @@ class Recorder:
                     continue
                 values.update(out.values)
                 trajectory.update(out.trajectory)
-        values["nonfinite"] = Var((), np.int8(flags), attrs_for("nonfinite"))
-        values["probe_failed"] = Var((), np.int8(failed), attrs_for("probe_failed"))
+        values["nonfinite"] = Var((), np.int8(flags), _ATTRS["nonfinite"])
+        values["probe_failed"] = Var((), np.int8(failed), _ATTRS["probe_failed"])
         self.writer.append(step, values, {k: Var(v.dims, _to_numpy(v.data), v.attrs) for k, v in trajectory.items()} or None)
 
     def _run_probe(self, probe: Probe, fn: Callable[[Context], Any], ctx: Context) -> Any:
         try:
-            with probe_guard(self.model, probe.bn_mode):
+            if probe.evaluates_model or fn == probe.finalize:
+                with probe_guard(self.model, probe.bn_mode):
+                    out = fn(ctx)
+            else:
                 out = fn(ctx)
-            if isinstance(out, Measurement):
+            if isinstance(out, _probe_base.Measurement):
                 out.values = {k: Var(v.dims, _to_numpy(v.data), v.attrs) for k, v in out.values.items()}
             return out
         except Exception as exc:
@@ -338,9 +365,9 @@ class Recorder:
             final = self.functional.flat_params()
             steps = np.arange(self.writer.step0 or 0, (self.writer.step0 or 0) + self.writer.rows)
             for probe in self.probes:
-                if type(probe).finalize is Probe.finalize:
+                if type(probe).finalize is _probe_base.Probe.finalize:
                     continue
-                ctx = Context(step=self.step, functional=self.functional, model=self.model, optimizer=self.optimizer,
+                ctx = _probe_base.Context(step=self.step, functional=self.functional, model=self.model, optimizer=self.optimizer,
                               probe_batches=self.probe_batches, final_params=final, weight_decay=self.weight_decay,
                               trajectory=self.writer.iter_trajectory, dataset=lambda: open_run(self.path), steps=steps)
                 ds = self._run_probe(probe, probe.finalize, ctx)
@@ -379,35 +406,10 @@ def _to_numpy(x: Any) -> Any:
     return x
 
 
-def attach(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    *,
-    loss_fn: Callable[[Any, Any], Tensor],
-    probe_data: Any = None,
-    probes: Sequence[Probe] | Probe = (),
-    store: str | Path | None = None,
-    run: dict[str, Any] | None = None,
-    overwrite: bool = False,
-    resume: bool = False,
-    probe_batch_size: int | None = None,
-    seed: int = 0,
-) -> Recorder:
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> Recorder:
     """Attach probes to a training loop; the loop itself stays unchanged.
 
-    Args:
-        model: the module being trained.
-        optimizer: its optimizer; the recorder hooks into ``optimizer.step()``.
-        loss_fn: ``loss_fn(model(*inputs), target)`` -> mean loss; the probes evaluate it.
-        probe_data: fixed evaluation batches: a list of ``(x, y)``, a DataLoader (batches drawn
-            once, without touching the global RNG), or an ``(X, Y)`` pair split into batches.
-        probes: probe instances, e.g. ``[RestrictedSecant(every=10, samples=8)]``.
-        store: path of the run's zarr store (a temporary folder if omitted).
-        run: metadata such as ``{"optimizer": "sgd", "seed": 0}``; becomes coordinates in
-            :func:`landscape.open_runs`.
-        overwrite: replace an existing store; ``resume``: append to it.
-        probe_batch_size: batch size when ``probe_data`` is an ``(X, Y)`` pair.
-        seed: seed for splitting ``probe_data``.
+    ``landscape.attach(model, optimizer, loss_fn=..., probe_data=..., probes=[...], store=..., run=...)``;
+    the options are those of :class:`Recorder` (documented there).
     """
-    return Recorder(model, optimizer, loss_fn=loss_fn, probe_data=probe_data, probes=probes if not isinstance(probes, Probe) else [probes],
-                    store=store, run=run, overwrite=overwrite, resume=resume, probe_batch_size=probe_batch_size, seed=seed)
+    return Recorder(model, optimizer, **options)

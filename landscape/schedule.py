@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Iterable, Union
 
 Every = Union[int, Iterable[int], str, "Schedule"]
@@ -28,6 +29,8 @@ class Schedule:
             return every
         if isinstance(every, bool):
             raise TypeError("every= must be an int, a list of steps or 'log', not a bool")
+        if not isinstance(every, (str, bytes)) and hasattr(every, "__index__") and not hasattr(every, "__len__"):
+            every = operator.index(every)  # numpy integers from sweeps and configs
         if isinstance(every, int):
             if every < 1:
                 raise ValueError(f"every= must be a positive number of steps, got {every}")
@@ -39,7 +42,7 @@ class Schedule:
                 return cls("log", per_decade=per_decade, start=start)
             raise ValueError(f"every={every!r} is not a cadence: use an int (every N steps), a list of steps, or 'log'")
         try:
-            steps = [int(s) for s in every]
+            steps = [operator.index(s) for s in every]
         except TypeError:
             raise TypeError(f"every= must be an int, a list of steps or 'log', got {type(every).__name__}") from None
         if not steps:

@@ -1,9 +1,9 @@
 """Layer 5: one zarr store per run, appended step by step, readable after a crash.
 
-Writing. Arrays are created by zarr (uncompressed, little-endian, C order) with room for more
-rows than written; each row is written by a background thread as raw chunk files (temp file +
-rename, so a chunk is either old or new, never torn), and a step becomes visible only when the
-atomic commit record ``commit.json`` says so. A ``kill -9`` therefore leaves every committed
+Writing. Arrays are plain zarr v3 arrays (uncompressed, little-endian, C order) with room for
+more rows than written; a background thread writes each row in place into preallocated
+multi-row chunk files (bytes of committed rows are never rewritten), and a step becomes visible
+only when the atomic commit record ``.landscape-commit.json`` says so. A ``kill -9`` therefore leaves every committed
 step readable; what was queued but not committed is lost (``RunWriter.flush`` waits for it).
 At close the arrays are trimmed to the committed rows, so a closed run is a plain zarr store.
 
@@ -16,11 +16,10 @@ import contextlib
 import glob as _glob
 import json
 import os
-import queue
 import shutil
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -34,8 +33,12 @@ COMMIT = ".landscape-commit.json"  # a dot name: zarr does not list it as a node
 _COMMIT_BYTES = 256
 _STEP_ATTRS = {"long_name": "optimizer step", "units": "1"}
 TRAJECTORY = "trajectory"
-_BIG_ROW = 4096  # rows with at least this many elements get a chunk (and a file) each
-_CHUNK_BYTES = 64 * 1024  # target chunk size for small rows
+_BIG_ROW = 4096  # rows with at least this many elements are trajectory-sized vectors
+_SMALL_CHUNK_BYTES = 64 * 1024  # chunk size for per-step scalars and small vectors
+_BIG_CHUNK_BYTES = 4 * 1024 * 1024  # chunk size for trajectory vectors (at least one row)
+_MAX_CHUNK_ROWS = 1024
+_INITIAL_CAPACITY = 1024
+_ZARR_DTYPE = {"<f4": "float32", "<f8": "float64", "<i8": "int64", "|i1": "int8", "|b1": "bool"}
 
 
 class StoreError(Exception):
@@ -64,9 +67,9 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
-        return obj.item()
+        return _jsonable(obj.item())
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return _jsonable(obj.tolist())
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
     if isinstance(obj, float):
@@ -79,11 +82,22 @@ def _jsonable(obj: Any) -> Any:
 def _storage_dtype(value: np.ndarray) -> np.dtype:
     if value.dtype == np.bool_:
         return np.dtype(bool)
+    if value.dtype == np.int8:
+        return np.dtype("i1")  # flags
     if np.issubdtype(value.dtype, np.integer):
         return np.dtype("<i8")
-    if value.size >= _BIG_ROW:
+    if value.size >= _BIG_ROW or value.dtype == np.float32 and value.ndim > 0:
         return np.dtype("<f4")  # trajectory vectors: float32 halves the bytes
     return np.dtype("<f8")
+
+
+def _result_dtype(data: np.ndarray) -> np.dtype:
+    """Finalize results keep their precision (float32 stays float32, the rest float64)."""
+    if data.dtype == np.bool_ or data.dtype == np.int8:
+        return np.dtype(data.dtype.str)
+    if data.dtype.kind in "iu":
+        return np.dtype("<i8")
+    return np.dtype("<f4") if data.dtype.kind == "f" and data.dtype.itemsize <= 4 else np.dtype("<f8")
 
 
 def _fill(dtype: np.dtype) -> Any:
@@ -94,40 +108,145 @@ def _fill(dtype: np.dtype) -> Any:
     return np.nan
 
 
-@dataclass
-class _Column:
-    """One array's row writer. Rows of small arrays are written in place (``pwrite``) into a
-    chunk file created full of fill values: bytes of committed rows are never rewritten, so a
-    kill cannot tear them. Big rows get a fresh chunk file each, invisible until committed."""
+def _write_group_meta(path: Path, attrs: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"attributes": attrs, "zarr_format": 3, "node_type": "group"}
+    _atomic_write(path / "zarr.json", json.dumps(meta, indent=1).encode())
 
-    array: zarr.Array
-    dir: Path
-    rest: tuple[int, ...]
-    dtype: np.dtype
-    chunk_rows: int
-    fd: int = -1
-    fd_chunk: int = -1
+
+def _write_array_meta(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
+                      dims: tuple[str, ...], attrs: dict[str, Any]) -> None:
+    """Zarr v3 metadata of an uncompressed C-order array: the store stays a plain zarr store that
+    zarr/xarray read, while rows are written as raw chunk bytes without zarr's machinery (which
+    costs milliseconds per call: too much for a per-step writer)."""
+    fill = _fill(dtype)
+    meta: dict[str, Any] = {
+        "shape": list(shape),
+        "data_type": _ZARR_DTYPE[dtype.str],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        # "." keys (c.12.0): one file per chunk and no directory per chunk to create
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
+        "fill_value": "NaN" if isinstance(fill, float) else fill,
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}} if dtype.itemsize > 1 else {"name": "bytes"}],
+        "attributes": _jsonable(attrs),
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+    if dims:
+        meta["dimension_names"] = list(dims)
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path / "zarr.json", json.dumps(meta, indent=1).encode())
+
+
+def _chunk_rows(rest: tuple[int, ...], dtype: np.dtype) -> int:
+    row_bytes = max(1, int(np.prod(rest))) * dtype.itemsize
+    target = _BIG_CHUNK_BYTES if int(np.prod(rest)) >= _BIG_ROW else _SMALL_CHUNK_BYTES
+    return max(1, min(_MAX_CHUNK_ROWS, target // row_bytes))
+
+
+class _Column:
+    """Rows of one array, written in place (``pwrite``) into preallocated multi-row chunk files.
+
+    Chunk files always have their full size, so zarr can read them at any moment; bytes of
+    committed rows are never rewritten, so a kill cannot tear them. Chunks of small rows are
+    created full of the fill value (rows where the variable is absent read as NaN / -1); chunks
+    of trajectory vectors are created sparse (``ftruncate``) and absent rows are filled
+    explicitly, which avoids writing every vector twice.
+    """
+
+    def __init__(self, dir: Path, rest: tuple[int, ...], dtype: np.dtype, chunk_rows: int,
+                 dims: tuple[str, ...], attrs: dict[str, Any]) -> None:
+        self.dir, self.rest, self.dtype, self.chunk_rows = dir, rest, dtype, chunk_rows
+        self.dims, self.attrs = dims, attrs  # dims after the row dim
+        self.capacity = 0  # rows the metadata declares
+        self.row_bytes = max(1, int(np.prod(rest))) * dtype.itemsize
+        self.big = int(np.prod(rest)) >= _BIG_ROW
+        self.fill_row = np.full(rest, _fill(dtype), dtype=dtype).tobytes()
+        self.fd, self.fd_chunk = -1, -1
+
+    @classmethod
+    def load(cls, dir: Path) -> "_Column | None":
+        try:
+            meta = json.loads((dir / "zarr.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if meta.get("node_type") != "array" or meta.get("data_type") not in _ZARR_DTYPE.values():
+            return None
+        dtype = np.dtype({v: k for k, v in _ZARR_DTYPE.items()}[meta["data_type"]])
+        col = cls(dir, tuple(meta["shape"][1:]), dtype, meta["chunk_grid"]["configuration"]["chunk_shape"][0],
+                  tuple(meta.get("dimension_names") or ()), meta.get("attributes", {}))
+        col.capacity = int(meta["shape"][0]) if meta["shape"] else 0
+        return col
 
     def key(self, chunk: int) -> Path:
-        return self.dir.joinpath("c", str(chunk), *(["0"] * len(self.rest)))
+        return self.dir / ".".join(["c", str(chunk), *(["0"] * len(self.rest))])
 
-    def write(self, row: int, value: np.ndarray) -> None:
-        data = np.ascontiguousarray(np.asarray(value, dtype=self.dtype).reshape(self.rest))
-        chunk = row // self.chunk_rows
+    def _open(self, chunk: int) -> None:
+        self.close()
         path = self.key(chunk)
-        if self.chunk_rows == 1:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(memoryview(data).cast("B"))
-            return
+        if not path.exists():
+            if self.big:
+                with open(path, "wb") as f:
+                    f.truncate(self.chunk_rows * self.row_bytes)
+            else:
+                _atomic_write(path, self.fill_row * self.chunk_rows)
+        self.fd, self.fd_chunk = os.open(path, os.O_WRONLY), chunk
+
+    def write(self, row: int, data: bytes | memoryview) -> None:
+        """Write one or more consecutive rows (within one chunk) starting at ``row``."""
+        chunk = row // self.chunk_rows
         if self.fd_chunk != chunk:
-            self.close()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not path.exists():
-                blank = np.full((self.chunk_rows, *self.rest), _fill(self.dtype), dtype=self.dtype)
-                _atomic_write(path, memoryview(blank).cast("B"))
-            self.fd, self.fd_chunk = os.open(path, os.O_WRONLY), chunk
-        os.pwrite(self.fd, memoryview(data).cast("B"), (row % self.chunk_rows) * data.nbytes)
+            self._open(chunk)
+        os.pwrite(self.fd, data, (row % self.chunk_rows) * self.row_bytes)
+
+    def write_run(self, row: int, values: list[Any]) -> None:
+        """Consecutive rows (within one chunk) from ``row`` on: small rows are packed into one
+        buffer, vectors are handed to one ``pwritev`` as they are (no extra copy)."""
+        if self.big:
+            bufs = []
+            for value in values:
+                data = np.ascontiguousarray(value, dtype=self.dtype)
+                if data.shape != self.rest:
+                    raise ValueError(f"{self.dir.name}: row shape changed from {self.rest} to {data.shape}")
+                bufs.append(memoryview(data).cast("B"))
+            chunk = row // self.chunk_rows
+            if self.fd_chunk != chunk:
+                self._open(chunk)
+            os.pwritev(self.fd, bufs, (row % self.chunk_rows) * self.row_bytes)
+            return
+        data = np.asarray(values, dtype=self.dtype) if not self.rest else np.stack([np.asarray(v, dtype=self.dtype) for v in values])
+        if data.shape[1:] != self.rest:
+            raise ValueError(f"{self.dir.name}: row shape changed from {self.rest} to {data.shape[1:]}")
+        self.write(row, memoryview(np.ascontiguousarray(data)).cast("B"))
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) straight from the chunk files."""
+        out = np.empty((hi - lo, *self.rest), dtype=self.dtype)
+        row = lo
+        while row < hi:
+            chunk, r0 = divmod(row, self.chunk_rows)
+            n = min(hi - row, self.chunk_rows - r0)
+            with open(self.key(chunk), "rb") as f:
+                f.seek(r0 * self.row_bytes)
+                block = np.frombuffer(f.read(n * self.row_bytes), dtype=self.dtype)
+            out[row - lo:row - lo + n] = block.reshape((n, *self.rest))
+            row += n
+        return out
+
+    def truncate_to(self, rows: int) -> None:
+        """Forget rows >= ``rows``: fill them in the last chunk, delete later chunks."""
+        self.close()
+        last = (rows - 1) // self.chunk_rows if rows else -1
+        for entry in self.dir.glob("c.*"):
+            index = entry.name.split(".")[1]
+            if index.isdigit() and int(index) > last:
+                entry.unlink()
+        if rows and rows % self.chunk_rows and self.key(last).exists():
+            r0 = rows % self.chunk_rows
+            with open(self.key(last), "r+b") as f:
+                f.seek(r0 * self.row_bytes)
+                f.write(self.fill_row * (self.chunk_rows - r0))
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -138,53 +257,92 @@ class _Column:
 class _Table:
     """Rows appended along one dim (``step`` or ``record``) of a zarr group."""
 
-    def __init__(self, group: zarr.Group, root: Path, row_dim: str, rows: int = 0, capacity: int = 1024) -> None:
-        self.group, self.root, self.row_dim = group, root, row_dim
-        self.rows = rows
+    def __init__(self, root: Path, row_dim: str, rows: int = 0) -> None:
+        self.root, self.row_dim, self.rows = root, row_dim, rows
         self.columns: dict[str, _Column] = {}
-        self.capacity = capacity
-        for name, arr in group.arrays():
-            dims = tuple(arr.metadata.dimension_names or ())
-            if dims and dims[0] == row_dim:
-                self.columns[name] = _Column(arr, root / name, tuple(arr.shape[1:]), np.dtype(arr.dtype), arr.chunks[0])
-                self.capacity = max(self.capacity, arr.shape[0])
+        self.capacity = max(_INITIAL_CAPACITY, rows)
+        for sub in sorted(root.iterdir()) if root.exists() else []:
+            col = _Column.load(sub) if sub.is_dir() else None
+            if col is not None and col.dims and col.dims[0] == row_dim:
+                col.dims = col.dims[1:]
+                col.truncate_to(rows)  # rows written but never committed before a kill
+                self.columns[sub.name] = col
+                self.capacity = max(self.capacity, col.capacity)
 
     def ensure(self, name: str, dims: tuple[str, ...], value: np.ndarray, attrs: dict[str, Any]) -> _Column:
         col = self.columns.get(name)
         if col is not None:
-            if tuple(value.shape) != col.rest:
-                raise ValueError(f"{name}: row shape changed from {col.rest} to {value.shape}")
             return col
         if len(dims) != value.ndim:
             raise ValueError(f"{name}: dims {dims} do not match a value of shape {value.shape}")
         dtype = _storage_dtype(value)
-        per_row = max(1, int(np.prod(value.shape)))
-        chunk_rows = 1 if per_row >= _BIG_ROW else max(1, min(1024, _CHUNK_BYTES // (per_row * dtype.itemsize)))
-        arr = self.group.create_array(
-            name, shape=(self.capacity, *value.shape), chunks=(chunk_rows, *value.shape), dtype=dtype,
-            fill_value=_fill(dtype), compressors=None, filters=None,
-            dimension_names=(self.row_dim, *dims), attributes=_jsonable(attrs),
-        )
-        col = self.columns[name] = _Column(arr, self.root / name, tuple(value.shape), dtype, chunk_rows)
+        rest = tuple(int(n) for n in value.shape)
+        col = _Column(self.root / name, rest, dtype, _chunk_rows(rest, dtype), dims, attrs)
+        self._write_meta(col, self.capacity)
+        if col.big:
+            for r in range(self.rows):  # a vector that appears late: earlier rows read as NaN
+                col.write(r, col.fill_row)
+        self.columns[name] = col
         return col
 
-    def write_row(self, values: dict[str, Var]) -> None:
-        row = self.rows
-        if row >= self.capacity:
-            self.capacity *= 2
+    def _write_meta(self, col: _Column, rows: int) -> None:
+        _write_array_meta(col.dir, (rows, *col.rest), (col.chunk_rows, *col.rest), col.dtype,
+                          (self.row_dim, *col.dims), col.attrs)
+        col.capacity = rows
+
+    def write_rows(self, rows: list[dict[str, Var]]) -> None:
+        """Append rows; a variable's consecutive rows in one chunk go out in one ``pwritev``."""
+        if not rows:
+            return
+        start = self.rows
+        if start + len(rows) > self.capacity:
+            self.capacity = max(2 * self.capacity, start + len(rows))
             for col in self.columns.values():
-                col.array.resize((self.capacity, *col.rest))
-        for name, v in values.items():
-            value = np.asarray(v.data)
-            self.ensure(name, v.dims, value, v.attrs).write(row, value)
-        self.rows = row + 1
+                self._write_meta(col, self.capacity)
+        names = dict.fromkeys(name for values in rows for name in values)
+        for name in names:
+            col = None
+            run: list[Any] = []
+            run_start = -1
+            for i, values in enumerate(rows):
+                v = values.get(name)
+                if v is None:
+                    continue
+                row = start + i
+                if col is None:
+                    value = v.data if isinstance(v.data, np.ndarray) else np.asarray(v.data)
+                    col = self.ensure(name, v.dims, value, v.attrs)
+                if run and (row != run_start + len(run) or row // col.chunk_rows != run_start // col.chunk_rows):
+                    col.write_run(run_start, run)
+                    run = []
+                if not run:
+                    run_start = row
+                run.append(v.data)
+            if col is not None and run:
+                col.write_run(run_start, run)
+        for name, col in self.columns.items():
+            if col.big and name not in names:
+                for i in range(len(rows)):
+                    col.write(start + i, col.fill_row)
+            elif col.big:
+                for i, values in enumerate(rows):
+                    if name not in values:
+                        col.write(start + i, col.fill_row)
+        self.rows = start + len(rows)
+
+    def read(self, name: str, lo: int, hi: int) -> np.ndarray:
+        return self.columns[name].read(lo, hi)
 
     def trim(self) -> None:
         for col in self.columns.values():
-            col.close()
-            if col.array.shape[0] != self.rows:
-                col.array.resize((self.rows, *col.rest))
+            col.truncate_to(self.rows)
+            if col.capacity != self.rows:
+                self._write_meta(col, self.rows)
         self.capacity = self.rows
+
+    def close(self) -> None:
+        for col in self.columns.values():
+            col.close()
 
 
 @dataclass
@@ -192,19 +350,22 @@ class _Record:
     step: int
     values: dict[str, Var]
     trajectory: dict[str, Var] | None = None
-    done: threading.Event | None = field(default=None)
 
 
 class RunWriter:
     """Streams one run to ``path``: per-step rows, trajectory vectors and final results.
 
-    ``append`` only enqueues (the training thread does no I/O); a bounded queue keeps memory
-    O(d) even if the disk is slow. Write errors are kept, warned once, and never raised into
-    training.
+    ``append`` only enqueues (the training thread does no I/O). A background thread writes the
+    queued steps in groups with one commit each (group commit): it starts once ``batch_rows``
+    steps wait or ``max_delay`` seconds after the first, so a step is committed within about
+    ``max_delay`` of its ``optimizer.step()`` (what a ``kill -9`` can lose) while the writer
+    wakes once per group instead of once per step. At most ``max_pending`` steps wait (then
+    ``append`` blocks), which keeps memory O(d) if the disk is slow. Write errors are kept,
+    warned once, and never raised into training.
     """
 
     def __init__(self, path: str | os.PathLike[str], attrs: dict[str, Any], *, overwrite: bool = False,
-                 resume: bool = False, queue_size: int = 8) -> None:
+                 resume: bool = False, max_pending: int = 32, batch_rows: int = 8, max_delay: float = 0.02) -> None:
         self.path = Path(path)
         if overwrite and resume:
             raise ValueError("overwrite=True and resume=True contradict each other: pick one")
@@ -224,19 +385,19 @@ class RunWriter:
         self._warned = False
         if resume:
             self._check_readable()
-            self.root = zarr.open_group(str(self.path), mode="r+")
             commit = _read_commit(self.path)
-            self.step0 = int(commit["step0"])
-            self.root.attrs.update(_jsonable({k: v for k, v in attrs.items() if k not in ("run",)}))
+            self.step0 = commit["step0"]
+            self.attrs = json.loads((self.path / "zarr.json").read_text()).get("attributes", {})
+            self.attrs.update(_jsonable({k: v for k, v in attrs.items() if k not in ("run",)}))
         else:
-            self.root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
-            self.root.attrs.update(_jsonable({"landscape_schema": SCHEMA_VERSION, **attrs}))
             commit = {"rows": 0, "records": 0, "step0": None}
             self.step0 = None
-        with _quiet_zarr():
-            self.traj_group = self.root.require_group(TRAJECTORY)
-            self.steps = _Table(self.root, self.path, "step", int(commit["rows"]))
-            self.records = _Table(self.traj_group, self.path / TRAJECTORY, "record", int(commit["records"]))
+            self.attrs = _jsonable({"landscape_schema": SCHEMA_VERSION, **attrs})
+        _write_group_meta(self.path, self.attrs)
+        if not (self.path / TRAJECTORY / "zarr.json").exists():
+            _write_group_meta(self.path / TRAJECTORY, {})
+        self.steps = _Table(self.path, "step", int(commit["rows"]))
+        self.records = _Table(self.path / TRAJECTORY, "record", int(commit["records"]))
         for table in (self.steps, self.records):  # the row coordinate exists even before the first row
             table.ensure("step", (), np.zeros((), np.int64), _STEP_ATTRS)
         if not resume:
@@ -244,7 +405,12 @@ class RunWriter:
         self._commit_fd = os.open(self.path / COMMIT, os.O_WRONLY)
         if not resume:
             self._commit(closed=False)
-        self._queue: queue.Queue[_Record | None] = queue.Queue(maxsize=queue_size)
+        self._cv = threading.Condition()
+        self._pending: list[_Record] = []
+        self._busy = False  # the writer holds a batch it took from _pending
+        self._stop = False
+        self._flushing = 0
+        self.max_pending, self.batch_rows, self.max_delay = max_pending, batch_rows, max_delay
         self._thread = threading.Thread(target=self._run, name=f"landscape-writer:{self.path.name}", daemon=True)
         self._thread.start()
         self.closed = False
@@ -255,29 +421,43 @@ class RunWriter:
     # -- the writer thread --------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            rec = self._queue.get()
-            if rec is None:
-                self._queue.task_done()
-                return
+            with self._cv:
+                while not self._pending and not self._stop:
+                    self._cv.wait()
+                # Group commit: wait a little for more steps unless someone waits for us.
+                if len(self._pending) < self.batch_rows and not (self._stop or self._flushing):
+                    self._cv.wait(self.max_delay)
+                batch, self._pending = self._pending, []
+                self._busy = bool(batch)
+                if not batch and self._stop:
+                    return
+                self._cv.notify_all()  # appenders blocked on a full queue
             try:
-                self._write(rec)
-            except Exception as exc:  # never raised into training
-                self.errors.append(f"step {rec.step}: {type(exc).__name__}: {exc}")
+                self._write_batch(batch)
             finally:
-                if rec.done is not None:
-                    rec.done.set()
-                self._queue.task_done()
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
 
-    def _write(self, rec: _Record) -> None:
-        if self.step0 is None:
-            self.step0 = rec.step
-        if rec.step - self.step0 != self.steps.rows:
-            raise StoreError(f"step {rec.step} out of order: the store expects step {self.step0 + self.steps.rows}")
-        step = Var((), np.int64(rec.step), _STEP_ATTRS)
-        self.steps.write_row({"step": step, **rec.values})
-        if rec.trajectory:
-            self.records.write_row({"step": step, **rec.trajectory})
-        self._commit(closed=False)
+    def _write_batch(self, batch: list[_Record]) -> None:
+        good: list[_Record] = []
+        for rec in batch:
+            if self.step0 is None:
+                self.step0 = rec.step
+            expected = self.step0 + self.steps.rows + len(good)
+            if rec.step != expected:
+                self.errors.append(f"step {rec.step}: out of order, the store expects step {expected}")
+                continue
+            good.append(rec)
+        try:
+            steps = [{"step": Var((), np.int64(r.step), _STEP_ATTRS), **r.values} for r in good]
+            self.steps.write_rows(steps)
+            self.records.write_rows([{"step": row["step"], **r.trajectory} for row, r in zip(steps, good) if r.trajectory])
+            if good:
+                self._commit(closed=False)
+        except Exception as exc:  # never raised into training
+            first = good[0].step if good else "?"
+            self.errors.append(f"steps {first}-{good[-1].step if good else '?'}: {type(exc).__name__}: {exc}")
 
     def _commit(self, closed: bool) -> None:
         # One fixed-width pwrite: a killed process leaves either the old record or the new one.
@@ -290,11 +470,22 @@ class RunWriter:
         if self.closed:
             raise StoreError(f"store {self.path} is closed")
         self._warn_errors()
-        self._queue.put(_Record(step, values, trajectory))
+        with self._cv:
+            while len(self._pending) >= self.max_pending:  # bounded memory when the disk is slow
+                self._cv.notify_all()
+                self._cv.wait()
+            self._pending.append(_Record(step, values, trajectory))
+            if len(self._pending) == 1 or len(self._pending) >= self.batch_rows:
+                self._cv.notify_all()
 
     def flush(self) -> None:
         """Wait until everything queued is committed."""
-        self._queue.join()
+        with self._cv:
+            self._flushing += 1
+            self._cv.notify_all()
+            while self._pending or self._busy:
+                self._cv.wait()
+            self._flushing -= 1
         self._warn_errors()
 
     def _warn_errors(self) -> None:
@@ -311,61 +502,73 @@ class RunWriter:
         return self.records.rows
 
     # -- after training -------------------------------------------------------------------------
-    def iter_trajectory(self, names: Sequence[str], max_bytes: int = 128 * 2**20) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Yield ``(steps, {name: rows})`` blocks of the trajectory, a few MB at a time."""
+    def iter_trajectory(self, names: Sequence[str], max_bytes: int = 64 * 2**20) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Yield ``(steps, {name: rows})`` blocks of the trajectory, ``max_bytes`` at a time."""
         self.flush()
         n = self.records.rows
         if n == 0:
             return
-        cols = {name: self.records.columns[name].array for name in names if name in self.records.columns}
-        per_row = sum(int(np.prod(a.shape[1:])) * 4 for a in cols.values()) or 1
+        cols = [name for name in names if name in self.records.columns]
+        per_row = sum(self.records.columns[c].row_bytes for c in cols) or 1
         block = max(1, max_bytes // per_row)
-        steps = self.records.columns["step"].array
         for lo in range(0, n, block):
             hi = min(n, lo + block)
-            yield np.asarray(steps[lo:hi]), {k: np.asarray(a[lo:hi]) for k, a in cols.items()}
+            yield self.records.read("step", lo, hi), {c: self.records.read(c, lo, hi) for c in cols}
 
     def write_dataset(self, ds: xr.Dataset) -> None:
         """Write finalize results: variables over a subset of steps are placed on their rows."""
         self.flush()
-        steps = np.asarray(self.steps.columns["step"].array[: self.steps.rows]) if "step" in self.steps.columns else np.zeros(0, np.int64)
-        with _quiet_zarr():
-            for name, da in ds.variables.items():
-                if name == "step":
-                    continue
-                data = np.asarray(da.values)
+        steps = self.steps.read("step", 0, self.steps.rows)
+        for name, da in ds.variables.items():
+            if name == "step":
+                continue
+            dims = tuple(da.dims)
+            if "step" in dims and dims[0] != "step":
+                da = da.transpose("step", ...)
                 dims = tuple(da.dims)
-                if "step" in dims:
-                    if dims[0] != "step":
-                        da = da.transpose("step", ...)
-                        dims, data = tuple(da.dims), np.asarray(da.values)
-                    rows = np.searchsorted(steps, np.asarray(ds["step"].values))
-                    if np.any(rows >= len(steps)) or np.any(steps[np.minimum(rows, len(steps) - 1)] != ds["step"].values):
-                        raise StoreError(f"{name}: results for steps that were never recorded")
-                    full = np.full((len(steps), *data.shape[1:]), _fill(np.dtype(data.dtype) if data.dtype != np.bool_ else np.dtype(bool)),
-                                   dtype=data.dtype if data.dtype.kind in "fbi" else np.float64)
-                    full[rows] = data
-                    data = full
-                if name in self.root:
-                    del self.root[name]
-                attrs = _jsonable(dict(da.attrs))
-                if data.dtype.kind in "OU":  # labels: zarr's variable-length UTF-8 strings (a specified v3 type)
-                    arr = self.root.create_array(name, shape=data.shape, dtype=str, dimension_names=dims, attributes=attrs)
-                    arr[...] = data.astype(str)
-                    continue
-                self.root.create_array(name, data=data, dimension_names=dims, attributes=attrs,
-                                       chunks=data.shape if data.ndim else None, compressors=None)
+            data = np.asarray(da.values)
+            if data.dtype.kind in "OU":  # labels: zarr's variable-length UTF-8 strings (a specified v3 type)
+                self._write_strings(str(name), data, dims, dict(da.attrs))
+                continue
+            dtype = _result_dtype(data)
+            if "step" in dims:
+                rows = np.searchsorted(steps, np.asarray(ds["step"].values))
+                if np.any(rows >= len(steps)) or np.any(steps[np.minimum(rows, len(steps) - 1)] != ds["step"].values):
+                    raise StoreError(f"{name}: results for steps that were never recorded")
+                full = np.full((len(steps), *data.shape[1:]), _fill(dtype), dtype=dtype)
+                full[rows] = data
+                data = full
+            data = np.ascontiguousarray(data, dtype=dtype)
+            target = self.path / str(name)
+            if target.exists():
+                shutil.rmtree(target)
+            chunks = tuple(max(1, n) for n in data.shape)
+            _write_array_meta(target, data.shape, chunks, dtype, dims, dict(da.attrs))
+            if data.size:
+                key = target / ".".join(["c", *(["0"] * data.ndim)])
+                _atomic_write(key, memoryview(data).cast("B") if data.ndim else data.tobytes())
+
+    def _write_strings(self, name: str, data: np.ndarray, dims: tuple[str, ...], attrs: dict[str, Any]) -> None:
+        with _quiet_zarr():
+            root = zarr.open_group(str(self.path), mode="r+")
+            if name in root:
+                del root[name]
+            arr = root.create_array(name, shape=data.shape, dtype=str, dimension_names=dims, attributes=_jsonable(attrs))
+            arr[...] = data.astype(str)
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update dataset attrs (JSON-able)."""
-        self.root.attrs.update(_jsonable(attrs))
+        self.attrs.update(_jsonable(attrs))
+        _write_group_meta(self.path, self.attrs)
 
     def close(self) -> None:
         """Commit everything, trim the arrays to the committed rows, stop the writer."""
         if self.closed:
             return
         self.flush()
-        self._queue.put(None)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
         self._thread.join()
         self.closed = True
         try:

@@ -38,6 +38,7 @@ class Context:
     loss: float = float("nan")
     lr: float = float("nan")
     weight_decay: Tensor | None = None
+    grad_norm: float = float("nan")  # |grad| in float64, computed once by the recorder
     # at finalize only
     final_params: Tensor | None = None
     trajectory: TrajectoryIter | None = None
@@ -71,6 +72,13 @@ class Probe:
     def samples_needed(self) -> int:
         """How many fixed probe batches this probe reads (0 if none)."""
         return 0
+
+    @property
+    def evaluates_model(self) -> bool:
+        """Whether :meth:`measure` runs the model (forward passes, HVPs). Probes that only read
+        the step's vectors (params, gradient, update) say False and skip the guard, which costs
+        more than they do."""
+        return True
 
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
         """Called once by ``attach``, before training: validate against the model."""

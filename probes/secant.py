@@ -9,6 +9,7 @@ If rsi >= mu and eb <= L everywhere, a step of mu / L^2 contracts |w - w*|^2 by 
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -103,8 +104,10 @@ def summarize(ds: xr.Dataset, *, dim: int, source: str, quantiles: Sequence[floa
     out["gamma_null"] = (("null",), np.array([lo, hi]), attrs_for("gamma_null", level=null_level, dimension=dim, **settings))
     if "gamma" in ds and "sample" in ds["gamma"].dims:
         g = np.asarray(ds["gamma"].transpose("step", "sample").values, dtype=np.float64)
-        with np.errstate(invalid="ignore"):
-            frac = np.where(np.all(np.isnan(g), axis=1), np.nan, np.nanmean(np.where(np.isnan(g), np.nan, g > hi), axis=1))
+        measured = ~np.all(np.isnan(g), axis=1)  # steps without a measurement stay NaN
+        frac = np.full(g.shape[0], np.nan)
+        above = np.where(np.isnan(g[measured]), np.nan, g[measured] > hi)
+        frac[measured] = np.nanmean(above, axis=1) if above.size else frac[measured]
         out["gamma_above_null"] = (("step",), frac, attrs_for("gamma_above_null", level=null_level))
         out = out.assign_coords(step=ds["step"].values)
     return out
@@ -164,7 +167,7 @@ class RestrictedSecant(Probe):
         super().__init__(every, bn_mode=bn_mode, seed=seed)  # type: ignore[arg-type]
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
             raise ValueError(f"samples must be a non-negative int (number of probe batches), got {samples!r}")
-        if sketch is not None and (not isinstance(sketch, int) or sketch < 1):
+        if sketch is not None and (not isinstance(sketch, int) or isinstance(sketch, bool) or sketch < 1):
             raise ValueError(f"sketch must be a positive int (the sketch dimension k) or None, got {sketch!r}")
         if not 0 <= tail < 1:
             raise ValueError(f"tail must be in [0, 1), got {tail}")
@@ -187,6 +190,10 @@ class RestrictedSecant(Probe):
     @property
     def samples_needed(self) -> int:
         return self.samples
+
+    @property
+    def evaluates_model(self) -> bool:
+        return self.samples > 0  # the training-gradient variants only read the step's vectors
 
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
         self._dim = functional.dim
@@ -218,7 +225,8 @@ class RestrictedSecant(Probe):
         settings = self._settings()
         directions: dict[str, Tensor] = {"grad": ctx.grad, "update": -ctx.update}
         lam = self._lambda(ctx)
-        if lam is not None:
+        online, sk = self._ref is not None, self._sketch
+        if lam is not None and (online or sk is not None):  # else computed at close from w_t and g_t
             directions["grad_wd"] = ctx.grad + lam * w
         if self.samples:
             losses, grads = zip(*(fm.loss_and_grad(w, b) for b in ctx.probe_batches[: self.samples]))
@@ -226,8 +234,9 @@ class RestrictedSecant(Probe):
             directions["sample"] = G
             out.values["sample_loss"] = var("sample_loss", torch.stack(losses).double(), ("sample",), **settings)
             out.values["grad_norm"] = var("grad_norm", torch.linalg.vector_norm(G.double(), dim=1), ("sample",), **settings)
-        out.values["grad_norm_train"] = var("grad_norm_train", torch.linalg.vector_norm(ctx.grad.double()), (), **settings)
-        if self._ref is not None:
+        gnorm = ctx.grad_norm if math.isfinite(ctx.grad_norm) else float(torch.linalg.vector_norm(ctx.grad, dtype=torch.float64))
+        out.values["grad_norm_train"] = var("grad_norm_train", np.float64(gnorm), (), **settings)
+        if online:
             y = (w - self._ref).double()
             out.values["dist_to_ref"] = var("dist_to_ref", torch.linalg.vector_norm(y), (), **settings)
             for suffix, key in VARIANTS.items():
@@ -241,7 +250,6 @@ class RestrictedSecant(Probe):
                     out.values[name + suffix] = var(name + suffix, value, dims, **settings, **self._variant_attrs(suffix, lam))
             return out
         # Against the final iterate: stream the vectors; the numbers come at close().
-        sk = self._sketch
         vec_dim = "sketch" if sk is not None else "param"
         out.trajectory["params"] = var_vec(sk(w) if sk else w, (vec_dim,), "parameters w_t", sk)
         out.trajectory["grad"] = var_vec(sk(ctx.grad) if sk else ctx.grad, (vec_dim,), "training gradient g_t", sk)
@@ -284,11 +292,10 @@ class RestrictedSecant(Probe):
         assert ctx.final_params is not None and ctx.trajectory is not None
         sk = self._sketch
         wT = (sk(ctx.final_params) if sk else ctx.final_params).double().cpu().numpy()
-        lam = None
-        if sk is None:
-            lam_t = self._lambda(Context(step=0, functional=ctx.functional, model=ctx.model, optimizer=ctx.optimizer,
-                                         probe_batches=[], params=ctx.final_params, weight_decay=ctx.weight_decay))
-            lam = lam_t.double().cpu().numpy() if lam_t is not None else None
+        lam_t = self._lambda(Context(step=0, functional=ctx.functional, model=ctx.model, optimizer=ctx.optimizer,
+                                     probe_batches=[], params=ctx.final_params, weight_decay=ctx.weight_decay))
+        # in sketch mode the _wd direction was sketched during training; lam is for the attrs
+        lam = lam_t.double().cpu().numpy() if lam_t is not None and sk is None else None
         blocks: dict[str, list[np.ndarray]] = {}
         all_steps: list[np.ndarray] = []
         for steps, arrs in ctx.trajectory(["params", "grad", "update", "grad_wd", "sample_grad"]):
@@ -316,8 +323,8 @@ class RestrictedSecant(Probe):
         steps = np.concatenate(all_steps)
         ds = xr.Dataset(coords={"step": steps})
         lam_attrs = {}
-        if lam is not None or ctx.weight_decay is not None or self.weight_decay_override:
-            lam_attrs = self._variant_attrs("_wd", torch.as_tensor(lam) if lam is not None else ctx.weight_decay)
+        if lam_t is not None:
+            lam_attrs = self._variant_attrs("_wd", lam_t)
         for name, parts in blocks.items():
             value = np.concatenate(parts)
             dims = ("step", "sample") if value.ndim == 2 else ("step",)
