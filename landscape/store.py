@@ -17,6 +17,7 @@ import glob as _glob
 import json
 import os
 import shutil
+import struct
 import threading
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,6 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import xarray as xr
-import zarr
 
 from landscape.schema import SCHEMA_VERSION, Var, compatible
 
@@ -93,11 +93,19 @@ def _storage_dtype(value: np.ndarray) -> np.dtype:
 
 def _result_dtype(data: np.ndarray) -> np.dtype:
     """Finalize results keep their precision (float32 stays float32, the rest float64)."""
+    if data.dtype.kind in "OU":
+        return np.dtype(object)  # labels: zarr's variable-length UTF-8 strings
     if data.dtype == np.bool_ or data.dtype == np.int8:
         return np.dtype(data.dtype.str)
     if data.dtype.kind in "iu":
         return np.dtype("<i8")
     return np.dtype("<f4") if data.dtype.kind == "f" and data.dtype.itemsize <= 4 else np.dtype("<f8")
+
+
+def _vlen_utf8(data: np.ndarray) -> bytes:
+    """Zarr's ``vlen-utf8`` codec: element count, then (length, UTF-8 bytes) per element, C order."""
+    items = [str(x).encode() for x in data.ravel()]
+    return b"".join([struct.pack("<I", len(items)), *(struct.pack("<I", len(b)) + b for b in items)])
 
 
 def _fill(dtype: np.dtype) -> Any:
@@ -119,15 +127,20 @@ def _write_array_meta(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...
     """Zarr v3 metadata of an uncompressed C-order array: the store stays a plain zarr store that
     zarr/xarray read, while rows are written as raw chunk bytes without zarr's machinery (which
     costs milliseconds per call: too much for a per-step writer)."""
-    fill = _fill(dtype)
+    strings = dtype.kind in "OU"
+    fill = "" if strings else _fill(dtype)
+    if strings:
+        codecs: list[dict[str, Any]] = [{"name": "vlen-utf8", "configuration": {}}]
+    else:
+        codecs = [{"name": "bytes", "configuration": {"endian": "little"}} if dtype.itemsize > 1 else {"name": "bytes"}]
     meta: dict[str, Any] = {
         "shape": list(shape),
-        "data_type": _ZARR_DTYPE[dtype.str],
+        "data_type": "string" if strings else _ZARR_DTYPE[dtype.str],
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
         # "." keys (c.12.0): one file per chunk and no directory per chunk to create
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "fill_value": "NaN" if isinstance(fill, float) else fill,
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}} if dtype.itemsize > 1 else {"name": "bytes"}],
+        "codecs": codecs,
         "attributes": _jsonable(attrs),
         "zarr_format": 3,
         "node_type": "array",
@@ -527,9 +540,6 @@ class RunWriter:
                 da = da.transpose("step", ...)
                 dims = tuple(da.dims)
             data = np.asarray(da.values)
-            if data.dtype.kind in "OU":  # labels: zarr's variable-length UTF-8 strings (a specified v3 type)
-                self._write_strings(str(name), data, dims, dict(da.attrs))
-                continue
             dtype = _result_dtype(data)
             if "step" in dims:
                 rows = np.searchsorted(steps, np.asarray(ds["step"].values))
@@ -538,7 +548,7 @@ class RunWriter:
                 full = np.full((len(steps), *data.shape[1:]), _fill(dtype), dtype=dtype)
                 full[rows] = data
                 data = full
-            data = np.ascontiguousarray(data, dtype=dtype)
+            data = np.ascontiguousarray(data, dtype=dtype) if dtype.kind not in "OU" else data
             target = self.path / str(name)
             if target.exists():
                 shutil.rmtree(target)
@@ -546,15 +556,10 @@ class RunWriter:
             _write_array_meta(target, data.shape, chunks, dtype, dims, dict(da.attrs))
             if data.size:
                 key = target / ".".join(["c", *(["0"] * data.ndim)])
-                _atomic_write(key, memoryview(data).cast("B") if data.ndim else data.tobytes())
-
-    def _write_strings(self, name: str, data: np.ndarray, dims: tuple[str, ...], attrs: dict[str, Any]) -> None:
-        with _quiet_zarr():
-            root = zarr.open_group(str(self.path), mode="r+")
-            if name in root:
-                del root[name]
-            arr = root.create_array(name, shape=data.shape, dtype=str, dimension_names=dims, attributes=_jsonable(attrs))
-            arr[...] = data.astype(str)
+                if dtype.kind in "OU":
+                    _atomic_write(key, _vlen_utf8(data))
+                else:
+                    _atomic_write(key, memoryview(data).cast("B") if data.ndim else data.tobytes())
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update dataset attrs (JSON-able)."""

@@ -299,21 +299,25 @@ class RestrictedSecant(Probe):
         blocks: dict[str, list[np.ndarray]] = {}
         all_steps: list[np.ndarray] = []
         for steps, arrs in ctx.trajectory(["params", "grad", "update", "grad_wd", "sample_grad"]):
-            P = arrs["params"].astype(np.float64)
-            Y = P - wT
-            dist = np.linalg.norm(Y, axis=1)
-            dirs = {"_train": arrs["grad"].astype(np.float64), "_update": -arrs["update"].astype(np.float64)}
+            # float32 rows, float64 sums: einsum with a float64 operand accumulates in double
+            # without float64 copies of every stored vector (the memory traffic dominates here).
+            P = arrs["params"]
+            Y = P - wT  # float64
+            dist = np.sqrt(np.einsum("md,md->m", Y, Y))
+            dirs = {"_train": arrs["grad"], "_update": -arrs["update"]}
             if "grad_wd" in arrs:
-                dirs["_wd"] = arrs["grad_wd"].astype(np.float64)
+                dirs["_wd"] = arrs["grad_wd"]
             elif lam is not None:
-                dirs["_wd"] = dirs["_train"] + lam * P
+                dirs["_wd"] = arrs["grad"] + lam * P
             if "sample_grad" in arrs:
-                dirs[""] = arrs["sample_grad"].astype(np.float64)
+                dirs[""] = arrs["sample_grad"]
             for suffix, D in dirs.items():
                 if D.ndim == 3:
-                    dot, gn, dd = np.einsum("mkd,md->mk", D, Y), np.linalg.norm(D, axis=2), dist[:, None].repeat(D.shape[1], 1)
+                    dot = np.einsum("mkd,md->mk", D, Y)
+                    gn = np.sqrt(np.einsum("mkd,mkd->mk", D, D, dtype=np.float64))
+                    dd = dist[:, None].repeat(D.shape[1], 1)
                 else:
-                    dot, gn, dd = np.einsum("md,md->m", D, Y), np.linalg.norm(D, axis=1), dist
+                    dot, gn, dd = np.einsum("md,md->m", D, Y), np.sqrt(np.einsum("md,md->m", D, D, dtype=np.float64)), dist
                 for name, value in secant_quantities(dot, gn, dd).items():
                     blocks.setdefault(name + suffix, []).append(value)
             blocks.setdefault("dist_to_ref", []).append(dist)
