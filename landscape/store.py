@@ -255,7 +255,9 @@ class _Column:
             index = entry.name.split(".")[1]
             if index.isdigit() and int(index) > last:
                 entry.unlink()
-        if rows and rows % self.chunk_rows and self.key(last).exists():
+        # Small rows may be absent from later steps and must read as fill; vector rows are
+        # always written (data or fill) before a commit, so their tails can stay sparse.
+        if not self.big and rows and rows % self.chunk_rows and self.key(last).exists():
             r0 = rows % self.chunk_rows
             with open(self.key(last), "r+b") as f:
                 f.seek(r0 * self.row_bytes)
@@ -281,6 +283,9 @@ class _Table:
                 col.truncate_to(rows)  # rows written but never committed before a kill
                 self.columns[sub.name] = col
                 self.capacity = max(self.capacity, col.capacity)
+        for col in self.columns.values():
+            if col.chunk_rows < _chunk_rows(col.rest, col.dtype):
+                self._rechunk(col)
 
     def ensure(self, name: str, dims: tuple[str, ...], value: np.ndarray, attrs: dict[str, Any]) -> _Column:
         col = self.columns.get(name)
@@ -347,11 +352,28 @@ class _Table:
         return self.columns[name].read(lo, hi)
 
     def trim(self) -> None:
+        """Shape the arrays to the committed rows. An array that fits in its first chunk gets a
+        chunk of exactly its rows (the file's prefix is that chunk), so short runs and rare
+        probes do not leave preallocated megabytes behind."""
         for col in self.columns.values():
             col.truncate_to(self.rows)
-            if col.capacity != self.rows:
+            if 0 < self.rows < col.chunk_rows:
+                with open(col.key(0), "r+b") as f:
+                    f.truncate(self.rows * col.row_bytes)
+                col.chunk_rows = self.rows
+                self._write_meta(col, self.rows)
+            elif col.capacity != self.rows:
                 self._write_meta(col, self.rows)
         self.capacity = self.rows
+
+    def _rechunk(self, col: _Column) -> None:
+        """Back to the natural chunking after a resume of a trimmed single-chunk array."""
+        data = col.read(0, self.rows)
+        col.truncate_to(0)
+        col.chunk_rows = _chunk_rows(col.rest, col.dtype)
+        self._write_meta(col, self.capacity)
+        for lo in range(0, self.rows, col.chunk_rows):
+            col.write_run(lo, list(data[lo:min(self.rows, lo + col.chunk_rows)]))
 
     def close(self) -> None:
         for col in self.columns.values():

@@ -260,3 +260,23 @@ def test_resume_after_a_kill_forgets_uncommitted_rows(tmp_path):
     assert ds.g.values[:10].tolist() == [-float(i) for i in range(10)]
     assert np.isnan(ds.g.values[10:]).all()
     assert ds.attrs["closed"]
+
+
+def test_resume_a_closed_run_keeps_every_row(tmp_path):
+    """Closing trims short arrays to one exact chunk; resuming re-chunks them and goes on."""
+    path = tmp_path / "r.zarr"
+    rng = np.random.default_rng(1)
+    vec = rng.standard_normal((30, 4500)).astype(np.float32)
+    w = RunWriter(path, {})
+    for i in range(5):
+        w.append(i, {"loss": Var((), np.float64(i), {})}, {"v": Var(("param",), vec[i], {})})
+    w.close()
+    assert zarr.open_array(str(path / "trajectory" / "v"), mode="r").chunks == (5, 4500)
+    assert os.path.getsize(path / "trajectory" / "v" / "c.0.0") == 5 * 4500 * 4  # no preallocated tail
+    w = RunWriter(path, {}, resume=True)
+    for i in range(5, 30):
+        w.append(i, {"loss": Var((), np.float64(i), {})}, {"v": Var(("param",), vec[i], {})})
+    w.close()
+    ds, traj = landscape.open_run(path), landscape.open_trajectory(path)
+    assert ds.loss.values.tolist() == list(range(30))
+    np.testing.assert_array_equal(traj.v.values, vec)
