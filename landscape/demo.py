@@ -72,7 +72,10 @@ def _fmt(values: list[float], digits: int = 3) -> str:
         return "n/a"
     if v.size == 1:
         return f"{v[0]:.{digits}g}"
-    return f"{v.mean():.{digits}g} ± {v.std(ddof=1):.1g}"
+    sd = v.std(ddof=1)
+    if sd <= 1e-9 * max(abs(v.mean()), 1e-300):  # identical across seeds up to rounding
+        sd = 0.0
+    return f"{v.mean():.{digits}g} ± {sd:.1g}"
 
 
 def summary_table(paths: list[Path]) -> str:

@@ -304,7 +304,8 @@ def probe_guard(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
     """Run probe code with the model in a measurement mode, then restore everything.
 
     Snapshots and restores: each module's train/eval flag, every buffer (BN running stats move in
-    train mode), the global RNG states (CPU and CUDA), and each parameter's ``.grad``.
+    train mode), the global RNG states (CPU and CUDA), and each parameter's ``.grad`` (the same
+    tensor object, with its values).
     """
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
