@@ -19,6 +19,7 @@ import os
 import shutil
 import struct
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,16 +392,18 @@ class RunWriter:
     """Streams one run to ``path``: per-step rows, trajectory vectors and final results.
 
     ``append`` only enqueues (the training thread does no I/O). A background thread writes the
-    queued steps in groups with one commit each (group commit): it starts once ``batch_rows``
-    steps wait or ``max_delay`` seconds after the first, so a step is committed within about
-    ``max_delay`` of its ``optimizer.step()`` (what a ``kill -9`` can lose) while the writer
-    wakes once per group instead of once per step. At most ``max_pending`` steps wait (then
-    ``append`` blocks), which keeps memory O(d) if the disk is slow. Write errors are kept,
-    warned once, and never raised into training.
+    queued steps in groups with one commit each (group commit): when ``batch_rows`` steps wait,
+    when the queued vectors reach half of ``max_pending_bytes``, or ``max_delay`` seconds after
+    the first queued step. So a step is committed within about ``max_delay`` of its
+    ``optimizer.step()`` (what a ``kill -9`` can lose), and the writer wakes a few times a
+    second instead of at every step. At most ``max_pending`` steps or ``max_pending_bytes`` of
+    vectors wait (then ``append`` blocks), which keeps memory bounded when the disk is slow.
+    Write errors are kept, warned once, and never raised into training.
     """
 
     def __init__(self, path: str | os.PathLike[str], attrs: dict[str, Any], *, overwrite: bool = False,
-                 resume: bool = False, max_pending: int = 32, batch_rows: int = 8, max_delay: float = 0.02) -> None:
+                 resume: bool = False, batch_rows: int = 32, max_delay: float = 0.25, max_pending: int = 128,
+                 max_pending_bytes: int = 256 * 2**20) -> None:
         self.path = Path(path)
         if overwrite and resume:
             raise ValueError("overwrite=True and resume=True contradict each other: pick one")
@@ -445,7 +448,10 @@ class RunWriter:
         self._busy = False  # the writer holds a batch it took from _pending
         self._stop = False
         self._flushing = 0
+        self._pending_bytes = 0
+        self._first_pending = 0.0
         self.max_pending, self.batch_rows, self.max_delay = max_pending, batch_rows, max_delay
+        self.max_pending_bytes = max_pending_bytes
         self._thread = threading.Thread(target=self._run, name=f"landscape-writer:{self.path.name}", daemon=True)
         self._thread.start()
         self.closed = False
@@ -454,15 +460,26 @@ class RunWriter:
         open_run(self.path)  # raises a StoreError that says what is wrong
 
     # -- the writer thread --------------------------------------------------------------------
+    def _due(self) -> bool:
+        if self._stop or self._flushing:
+            return True
+        if not self._pending:
+            return False
+        return (len(self._pending) >= self.batch_rows or self._pending_bytes >= self.max_pending_bytes // 2
+                or time.monotonic() - self._first_pending >= self.max_delay)
+
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._pending and not self._stop:
-                    self._cv.wait()
-                # Group commit: wait a little for more steps unless someone waits for us.
-                if len(self._pending) < self.batch_rows and not (self._stop or self._flushing):
-                    self._cv.wait(self.max_delay)
-                batch, self._pending = self._pending, []
+                # Appends do not wake this thread (except for a full group): on a 2-core machine a
+                # wake-up preempts one of torch's threads mid-step, which measured several percent
+                # of a small model's training time when it happened once per step or two.
+                while not self._due():
+                    wait = self.max_delay
+                    if self._pending:
+                        wait = max(0.0, self._first_pending + self.max_delay - time.monotonic())
+                    self._cv.wait(wait)
+                batch, self._pending, self._pending_bytes = self._pending, [], 0
                 self._busy = bool(batch)
                 if not batch and self._stop:
                     return
@@ -505,12 +522,18 @@ class RunWriter:
         if self.closed:
             raise StoreError(f"store {self.path} is closed")
         self._warn_errors()
+        size = sum(v.data.nbytes for v in (trajectory or {}).values() if isinstance(v.data, np.ndarray))
         with self._cv:
-            while len(self._pending) >= self.max_pending:  # bounded memory when the disk is slow
+            # bounded memory when the disk is slow or the vectors are big
+            while self._pending and (len(self._pending) >= self.max_pending
+                                     or self._pending_bytes + size > self.max_pending_bytes):
                 self._cv.notify_all()
                 self._cv.wait()
+            if not self._pending:
+                self._first_pending = time.monotonic()
             self._pending.append(_Record(step, values, trajectory))
-            if len(self._pending) == 1 or len(self._pending) >= self.batch_rows:
+            self._pending_bytes += size
+            if len(self._pending) == self.batch_rows or self._pending_bytes >= self.max_pending_bytes // 2:
                 self._cv.notify_all()
 
     def flush(self) -> None:

@@ -293,3 +293,31 @@ def test_probe_batches_from_dataloader_do_not_move_the_rng(tmp_path):
     assert torch.equal(state, torch.get_rng_state())
     assert len(rec.probe_batches) == 3 and all(len(b[0]) == 16 for b in rec.probe_batches)
     rec.close()
+
+
+def test_loss_capture_two_recorders_and_tap_removed(tmp_path):
+    """Two models trained side by side each get their own loss; a backward outside a model's
+    forward-to-step window (an auxiliary loss on another model) is not taken; after close
+    torch.autograd.backward is torch's own again."""
+    original = torch.autograd.backward
+    (X, y), _ = digits()
+    torch.manual_seed(0)
+    m1, m2, aux = DigitsMLP(hidden=8), DigitsMLP(hidden=12), torch.nn.Linear(64, 10)
+    o1, o2 = torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
+    r1 = landscape.attach(m1, o1, loss_fn=F.cross_entropy, store=tmp_path / "a.zarr")
+    r2 = landscape.attach(m2, o2, loss_fn=F.cross_entropy, store=tmp_path / "b.zarr")
+    assert torch.autograd.backward is not original
+    seen1, seen2 = [], []
+    for i in range(6):
+        xb, yb = X[32 * i:32 * (i + 1)], y[32 * i:32 * (i + 1)]
+        o1.zero_grad(); o2.zero_grad()
+        l1 = F.cross_entropy(m1(xb), yb); l1.backward(); o1.step()
+        F.mse_loss(aux(xb.reshape(len(xb), -1)), torch.zeros(len(xb), 10)).backward()  # no recorder is waiting
+        l2 = F.cross_entropy(m2(xb), yb); l2.backward(); o2.step()
+        seen1.append(l1.item()); seen2.append(l2.item())
+    r1.close()
+    assert torch.autograd.backward is not original  # r2 still needs it
+    r2.close()
+    assert torch.autograd.backward is original
+    assert landscape.open_run(tmp_path / "a.zarr").loss.values.tolist() == seen1
+    assert landscape.open_run(tmp_path / "b.zarr").loss.values.tolist() == seen2

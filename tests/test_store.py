@@ -58,7 +58,7 @@ def test_kill_9_leaves_every_committed_step_readable(tmp_path):
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            if log.exists() and len(log.read_text().splitlines()) >= 150:
+            if log.exists() and len(log.read_text().splitlines()) >= 600:
                 break
             if proc.poll() is not None:
                 pytest.fail(f"child died: {proc.stderr.read().decode()[-2000:]}")
@@ -75,9 +75,9 @@ def test_kill_9_leaves_every_committed_step_readable(tmp_path):
     ds = landscape.open_run(store)
     n = ds.sizes["step"]
     assert not ds.attrs["closed"]
-    # The writer commits in groups and lags training by at most its queue (max_pending = 32
-    # steps): every step the child finished, except the last group, is there.
-    assert n >= len(losses) - 33
+    # The writer commits in groups and lags training by at most its queue (max_pending = 128
+    # steps): every step the child finished, except those still queued, is there.
+    assert n >= len(losses) - 129 and n >= 300
     assert ds.step.values.tolist() == list(range(n))
     recorded = ds.loss.values
     assert np.isfinite(recorded).all()
