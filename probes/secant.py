@@ -304,39 +304,41 @@ class RestrictedSecant(Probe):
             P = arrs["params"]
             Y = P - wT  # float64
             dist = np.sqrt(np.einsum("md,md->m", Y, Y))
-            dirs = {"_train": arrs["grad"], "_update": -arrs["update"]}
+            G = arrs["grad"]
+            dot_g, gg = np.einsum("md,md->m", G, Y), np.einsum("md,md->m", G, G, dtype=np.float64)
+            # (dot with y, squared norm) per direction, without materialising the directions
+            dirs: dict[str, tuple[np.ndarray, np.ndarray]] = {"_train": (dot_g, gg)}
+            U = arrs["update"]
+            dirs["_update"] = (-np.einsum("md,md->m", U, Y), np.einsum("md,md->m", U, U, dtype=np.float64))
             if "grad_wd" in arrs:
-                dirs["_wd"] = arrs["grad_wd"]
-            elif lam is not None:
-                dirs["_wd"] = arrs["grad"] + lam * P
+                W = arrs["grad_wd"]
+                dirs["_wd"] = (np.einsum("md,md->m", W, Y), np.einsum("md,md->m", W, W, dtype=np.float64))
+            elif lam is not None:  # g + lam w: <g, y> + <lam w, y>, |g|^2 + 2 <g, lam w> + |lam w|^2
+                dirs["_wd"] = (dot_g + np.einsum("md,d,md->m", P, lam, Y),
+                               gg + 2 * np.einsum("md,d,md->m", G, lam, P) + np.einsum("md,d,md->m", P, lam * lam, P))
             if "sample_grad" in arrs:
-                dirs[""] = arrs["sample_grad"]
-            for suffix, D in dirs.items():
-                if D.ndim == 3:
-                    dot = np.einsum("mkd,md->mk", D, Y)
-                    gn = np.sqrt(np.einsum("mkd,mkd->mk", D, D, dtype=np.float64))
-                    dd = dist[:, None].repeat(D.shape[1], 1)
-                else:
-                    dot, gn, dd = np.einsum("md,md->m", D, Y), np.sqrt(np.einsum("md,md->m", D, D, dtype=np.float64)), dist
-                for name, value in secant_quantities(dot, gn, dd).items():
+                S = arrs["sample_grad"]
+                dirs[""] = (np.einsum("mkd,md->mk", S, Y), np.einsum("mkd,mkd->mk", S, S, dtype=np.float64))
+            for suffix, (dot, sq) in dirs.items():
+                dd = dist[:, None].repeat(dot.shape[1], 1) if dot.ndim == 2 else dist
+                for name, value in secant_quantities(dot, np.sqrt(np.maximum(sq, 0.0)), dd).items():
                     blocks.setdefault(name + suffix, []).append(value)
             blocks.setdefault("dist_to_ref", []).append(dist)
             all_steps.append(steps)
         if not all_steps:
             return None
         steps = np.concatenate(all_steps)
-        ds = xr.Dataset(coords={"step": steps})
-        lam_attrs = {}
-        if lam_t is not None:
-            lam_attrs = self._variant_attrs("_wd", lam_t)
+        lam_attrs = self._variant_attrs("_wd", lam_t) if lam_t is not None else {}
+        data_vars = {}
         for name, parts in blocks.items():
             value = np.concatenate(parts)
             dims = ("step", "sample") if value.ndim == 2 else ("step",)
             extra = lam_attrs if name.endswith("_wd") else {}
-            ds[name] = (dims, value, attrs_for(name, **settings, **extra))
-        if "sample" in ds.dims:
-            ds = ds.assign_coords(sample=np.arange(ds.sizes["sample"]))
-        return ds
+            data_vars[name] = (dims, value, attrs_for(name, **settings, **extra))
+        coords: dict[str, Any] = {"step": steps}
+        if any(len(v[0]) == 2 for v in data_vars.values()):
+            coords["sample"] = np.arange(next(v[1].shape[1] for v in data_vars.values() if len(v[0]) == 2))
+        return xr.Dataset(data_vars, coords=coords)  # built at once: per-variable inserts re-align each time
 
 
 def var_vec(x: Tensor, dims: tuple[str, ...], what: str, sk: GaussianSketch | None):  # type: ignore[no-untyped-def]
