@@ -339,11 +339,8 @@ class _Table:
                 run.append(v.data)
             if col is not None and run:
                 col.write_run(run_start, run)
-        for name, col in self.columns.items():
-            if col.big and name not in names:
-                for i in range(len(rows)):
-                    col.write(start + i, col.fill_row)
-            elif col.big:
+        for name, col in self.columns.items():  # vectors are written explicitly where absent
+            if col.big:
                 for i, values in enumerate(rows):
                     if name not in values:
                         col.write(start + i, col.fill_row)
