@@ -121,6 +121,10 @@ class Recorder:
         overwrite: replace an existing store; ``resume``: append to an existing one.
         probe_batch_size: batch size when ``probe_data`` is an ``(X, Y)`` pair.
         seed: seed for splitting ``probe_data``.
+        commit_delay: seconds by which the store may lag training: steps are committed in
+            groups (32 steps, or this long after the first), which keeps the writer thread from
+            waking at every step. ``0`` commits each step as soon as possible (what a
+            ``kill -9`` can lose is then only the step being written).
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class Recorder:
         resume: bool = False,
         probe_batch_size: int | None = None,
         seed: int = 0,
+        commit_delay: float = 0.25,
     ) -> None:
         # -- validate everything before training starts ------------------------------------
         if not isinstance(model, nn.Module):
@@ -167,7 +172,10 @@ class Recorder:
         if store is None:
             store = Path(tempfile.mkdtemp(prefix="landscape-")) / "run.zarr"
         self.path = Path(store)
-        self.writer = RunWriter(self.path, self._run_attrs(run or {}, loss_fn), overwrite=overwrite, resume=resume)
+        if isinstance(commit_delay, bool) or not isinstance(commit_delay, (int, float)) or not 0 <= commit_delay <= 3600:
+            raise ValueError(f"commit_delay must be a number of seconds in [0, 3600], got {commit_delay!r}")
+        self.writer = RunWriter(self.path, self._run_attrs(run or {}, loss_fn), overwrite=overwrite, resume=resume,
+                                max_delay=float(commit_delay))
 
         # -- state ---------------------------------------------------------------------------
         self.step = (self.writer.step0 or 0) + self.writer.rows if resume else 0

@@ -395,6 +395,7 @@ class RunWriter:
     ``optimizer.step()`` (what a ``kill -9`` can lose), and the writer wakes a few times a
     second instead of at every step. At most ``max_pending`` steps or ``max_pending_bytes`` of
     vectors wait (then ``append`` blocks), which keeps memory bounded when the disk is slow.
+    ``max_delay=0`` commits every step as soon as the writer gets to it (a wake-up per step).
     Write errors are kept, warned once, and never raised into training.
     """
 
@@ -447,7 +448,9 @@ class RunWriter:
         self._flushing = 0
         self._pending_bytes = 0
         self._first_pending = 0.0
-        self.max_pending, self.batch_rows, self.max_delay = max_pending, batch_rows, max_delay
+        if max_delay < 0 or batch_rows < 1:
+            raise ValueError(f"need max_delay >= 0 and batch_rows >= 1, got {max_delay} and {batch_rows}")
+        self.max_pending, self.batch_rows, self.max_delay = max_pending, batch_rows, float(max_delay)
         self.max_pending_bytes = max_pending_bytes
         self._thread = threading.Thread(target=self._run, name=f"landscape-writer:{self.path.name}", daemon=True)
         self._thread.start()
@@ -458,11 +461,11 @@ class RunWriter:
 
     # -- the writer thread --------------------------------------------------------------------
     def _due(self) -> bool:
-        if self._stop or self._flushing:
+        if self._stop:
             return True
         if not self._pending:
             return False
-        return (len(self._pending) >= self.batch_rows or self._pending_bytes >= self.max_pending_bytes // 2
+        return (self._flushing > 0 or len(self._pending) >= self.batch_rows or self._pending_bytes >= self.max_pending_bytes // 2
                 or time.monotonic() - self._first_pending >= self.max_delay)
 
     def _run(self) -> None:
@@ -472,10 +475,12 @@ class RunWriter:
                 # wake-up preempts one of torch's threads mid-step, which measured several percent
                 # of a small model's training time when it happened once per step or two.
                 while not self._due():
-                    wait = self.max_delay
-                    if self._pending:
-                        wait = max(0.0, self._first_pending + self.max_delay - time.monotonic())
-                    self._cv.wait(wait)
+                    if not self._pending:
+                        # idle: a periodic look (the first append does not notify) or, with
+                        # max_delay 0, sleep until an append notifies
+                        self._cv.wait(self.max_delay if self.max_delay > 0 else None)
+                    else:
+                        self._cv.wait(max(0.0, self._first_pending + self.max_delay - time.monotonic()))
                 batch, self._pending, self._pending_bytes = self._pending, [], 0
                 self._busy = bool(batch)
                 if not batch and self._stop:
@@ -530,7 +535,8 @@ class RunWriter:
                 self._first_pending = time.monotonic()
             self._pending.append(_Record(step, values, trajectory))
             self._pending_bytes += size
-            if len(self._pending) == self.batch_rows or self._pending_bytes >= self.max_pending_bytes // 2:
+            if (len(self._pending) == self.batch_rows or self._pending_bytes >= self.max_pending_bytes // 2
+                    or self.max_delay <= 0):
                 self._cv.notify_all()
 
     def flush(self) -> None:

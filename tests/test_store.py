@@ -280,3 +280,28 @@ def test_resume_a_closed_run_keeps_every_row(tmp_path):
     ds, traj = landscape.open_run(path), landscape.open_trajectory(path)
     assert ds.loss.values.tolist() == list(range(30))
     np.testing.assert_array_equal(traj.v.values, vec)
+
+
+def test_commit_delay_bounds_what_a_kill_can_lose(tmp_path):
+    """Steps become visible (committed) by themselves: with max_delay=0 at once, with a long
+    delay only after it (or a flush), never by a later step's write."""
+    slow = RunWriter(tmp_path / "slow.zarr", {}, max_delay=30.0)
+    for i in range(3):
+        slow.append(i, {"loss": Var((), np.float64(i), {})})
+    time.sleep(0.5)
+    assert landscape.open_run(tmp_path / "slow.zarr").sizes["step"] == 0  # still grouped
+    slow.flush()
+    assert landscape.open_run(tmp_path / "slow.zarr").sizes["step"] == 3
+    slow.close()
+    eager = RunWriter(tmp_path / "eager.zarr", {}, max_delay=0.0)
+    eager.append(0, {"loss": Var((), np.float64(0.5), {})})
+    deadline = time.time() + 10
+    while landscape.open_run(tmp_path / "eager.zarr").sizes["step"] < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    assert landscape.open_run(tmp_path / "eager.zarr").loss.values.tolist() == [0.5]  # no flush needed
+    eager.close()
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="commit_delay"):
+        landscape.attach(model, opt, loss_fn=F.cross_entropy, store=tmp_path / "x.zarr", commit_delay=-1)
+    assert not (tmp_path / "x.zarr").exists()
