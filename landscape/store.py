@@ -395,7 +395,8 @@ class RunWriter:
     the first queued step. So a step is committed within about ``max_delay`` of its
     ``optimizer.step()`` (what a ``kill -9`` can lose), and the writer wakes a few times a
     second instead of at every step. At most ``max_pending`` steps or ``max_pending_bytes`` of
-    vectors wait (then ``append`` blocks), which keeps memory bounded when the disk is slow.
+    vectors wait besides the group being written (then ``append`` blocks), which keeps memory
+    bounded when the disk is slow or the machine busy.
     ``max_delay=0`` commits every step as soon as the writer gets to it (a wake-up per step).
     Write errors are kept, warned once, and never raised into training.
     """

@@ -75,9 +75,10 @@ def test_kill_9_leaves_every_committed_step_readable(tmp_path):
     ds = landscape.open_run(store)
     n = ds.sizes["step"]
     assert not ds.attrs["closed"]
-    # The writer commits in groups and lags training by at most its queue (max_pending = 128
-    # steps): every step the child finished, except those still queued, is there.
-    assert n >= len(losses) - 129 and n >= 300
+    # The writer commits in groups and lags training by at most the batch it is writing plus
+    # its queue (max_pending = 128 steps each; it runs at low priority, so on a busy machine it
+    # does fall that far behind): every step the child finished, except those, is there.
+    assert n >= len(losses) - 2 * 128 - 1 and n >= 300
     assert ds.step.values.tolist() == list(range(n))
     recorded = ds.loss.values
     assert np.isfinite(recorded).all()
