@@ -208,12 +208,17 @@ class _Column:
                 _atomic_write(path, self.fill_row * self.chunk_rows)
         self.fd, self.fd_chunk = os.open(path, os.O_WRONLY), chunk
 
-    def write(self, row: int, data: bytes | memoryview) -> None:
-        """Write one or more consecutive rows (within one chunk) starting at ``row``."""
-        chunk = row // self.chunk_rows
+    def _offset(self, row: int) -> int:
+        """Open the chunk holding ``row`` (if not open yet) and return the row's byte offset."""
+        chunk, r0 = divmod(row, self.chunk_rows)
         if self.fd_chunk != chunk:
             self._open(chunk)
-        os.pwrite(self.fd, data, (row % self.chunk_rows) * self.row_bytes)
+        return r0 * self.row_bytes
+
+    def write(self, row: int, data: bytes | memoryview) -> None:
+        """Write one or more consecutive rows (within one chunk) starting at ``row``."""
+        offset = self._offset(row)  # before reading self.fd: it may open the chunk
+        os.pwrite(self.fd, data, offset)
 
     def write_run(self, row: int, values: list[Any]) -> None:
         """Consecutive rows (within one chunk) from ``row`` on: small rows are packed into one
@@ -225,10 +230,8 @@ class _Column:
                 if data.shape != self.rest:
                     raise ValueError(f"{self.dir.name}: row shape changed from {self.rest} to {data.shape}")
                 bufs.append(memoryview(data).cast("B"))
-            chunk = row // self.chunk_rows
-            if self.fd_chunk != chunk:
-                self._open(chunk)
-            os.pwritev(self.fd, bufs, (row % self.chunk_rows) * self.row_bytes)
+            offset = self._offset(row)
+            os.pwritev(self.fd, bufs, offset)
             return
         data = np.asarray(values, dtype=self.dtype) if not self.rest else np.stack([np.asarray(v, dtype=self.dtype) for v in values])
         if data.shape[1:] != self.rest:
