@@ -1,4 +1,6 @@
-"""``landscape demo``: SGD+momentum vs Adam on the bundled digits, 3 seeds each, RSI/EB recorded."""
+"""``landscape demo``: SGD+momentum vs Adam on the bundled digits, 3 seeds each, with RSI/EB and the
+Hessian's curvature (top-5 spectrum, trace, preconditioned sharpness and the edge of stability)
+recorded."""
 from __future__ import annotations
 
 import math
@@ -15,7 +17,7 @@ from tqdm.auto import tqdm
 import landscape
 from landscape.data import load_digits, split
 from landscape.models import DigitsCNN
-from probes import RestrictedSecant
+from probes import HessianSpectrum, HessianTrace, PreconditionedSharpness, RestrictedSecant
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4),
@@ -32,10 +34,19 @@ class DemoConfig:
     batch_size: int = 64
     every: int = 5
     samples: int = 8
+    curvature_every: int = 20
+
+
+def demo_probes(cfg: DemoConfig) -> list:
+    """RSI/EB on 8 probe batches; curvature on the first probe batch (BN in eval mode)."""
+    return [RestrictedSecant(every=cfg.every, samples=cfg.samples),
+            HessianSpectrum(every=cfg.curvature_every, k=5),
+            HessianTrace(every=cfg.curvature_every, matvecs=30),
+            PreconditionedSharpness(every=cfg.curvature_every)]
 
 
 def train_one(name: str, seed: int, cfg: DemoConfig, data: tuple, bar: Any = None) -> Path:
-    """Train one (optimizer, seed) run with RestrictedSecant attached; return its store path."""
+    """Train one (optimizer, seed) run with the demo's probes attached; return its store path."""
     (Xtr, ytr), _ = data
     torch.manual_seed(seed)
     model = DigitsCNN()
@@ -44,7 +55,7 @@ def train_one(name: str, seed: int, cfg: DemoConfig, data: tuple, bar: Any = Non
                                          shuffle=True, generator=torch.Generator().manual_seed(seed))
     path = cfg.out / f"{name}-{seed}.zarr"
     with landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=(Xtr, ytr), probe_batch_size=cfg.batch_size,
-                          probes=[RestrictedSecant(every=cfg.every, samples=cfg.samples)], store=path, overwrite=True,
+                          probes=demo_probes(cfg), store=path, overwrite=True,
                           run={"optimizer": name, "seed": seed}) as rec:
         for _ in range(cfg.epochs):
             model.train()
@@ -108,6 +119,38 @@ def summary_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def _last(da: Any) -> float:
+    v = np.asarray(da.values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v[-1]) if v.size else math.nan
+
+
+def curvature_table(paths: list[Path]) -> str:
+    """Per-optimizer curvature over seeds (mean ± sd): lambda_max and the trace at the end, the
+    largest stability ratio seen, and the Hessian-vector products per spectrum measurement."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for p in paths:
+        ds = landscape.open_run(p)
+        if "lambda_max" not in ds:
+            continue
+        r = rows.setdefault(ds.attrs["run"]["optimizer"], {k: [] for k in ("lmax", "lmax_peak", "trace", "se", "ratio", "mv")})
+        m = {"block": "model"}
+        r["lmax"].append(_last(ds["lambda_max"].sel(m)))
+        r["lmax_peak"].append(float(ds["lambda_max"].sel(m).max()))
+        r["trace"].append(_last(ds["trace"].sel(m)))
+        r["se"].append(_last(ds["trace_stderr"].sel(m)))
+        r["ratio"].append(float(ds["stability_ratio"].sel(m).max()))
+        mv = np.asarray(ds["spectrum_matvecs"].sel(m).values, dtype=float)
+        r["mv"].append(float(np.mean(mv[mv > 0])) if (mv > 0).any() else math.nan)
+    header = ["optimizer", "final lambda_max", "peak lambda_max", "final trace", "trace stderr",
+              "peak stability ratio", "HVPs per top-5 solve"]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for name, r in rows.items():
+        lines.append(" | ".join([name, _fmt(r["lmax"]), _fmt(r["lmax_peak"]), _fmt(r["trace"]), _fmt(r["se"], 2),
+                                 _fmt(r["ratio"]), _fmt(r["mv"])]))
+    return "\n".join(lines)
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True) -> list[Path]:
     """Train every (optimizer, seed), print the table, return the store paths."""
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -125,5 +168,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> list[Path]:
     print(f"\n{len(paths)} runs in {time.perf_counter() - t0:.0f} s, written to {cfg.out}/\n")
     print(summary_table(paths))
     print("\ngamma = cos(g, w - w_T) on 8 fixed probe batches; the null band is that of a random direction in d dims.")
+    print()
+    print(curvature_table(paths))
+    print(f"\nHessian of the loss on one probe batch of {cfg.batch_size} (BN in eval mode), every {cfg.curvature_every} steps: "
+          "top-5 by warm-started Lanczos, trace by Hutch++ (30 products); stability ratio = lr * lambda / c with "
+          "lambda of the optimizer's preconditioned Hessian (1 = edge of stability).")
     print(f"Open one run: landscape.open_run('{paths[0]}'); all: landscape.open_runs('{cfg.out}/*.zarr')")
     return paths

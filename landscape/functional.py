@@ -9,6 +9,8 @@ training.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
@@ -113,6 +115,86 @@ def trainable_parameters(
     return named
 
 
+BlockSpec = Any
+"""What a curvature probe's ``blocks=`` accepts: see :func:`resolve_blocks`."""
+
+
+def _block_members(item: Any, names: Sequence[str], modules: dict[int, str], model: nn.Module | None) -> list[str]:
+    if item is None:
+        return list(names)
+    if isinstance(item, nn.Module):
+        prefix = modules.get(id(item))
+        if prefix is None:
+            raise ValueError(f"blocks: the module {type(item).__name__} is not a submodule of the model")
+        return [n for n in names if prefix == "" or n.startswith(prefix + ".")]
+    if isinstance(item, str):
+        return [n for n in names if fnmatch.fnmatchcase(n, item) or n.startswith(item + ".")]
+    if isinstance(item, (list, tuple)):
+        found = dict.fromkeys(m for sub in item for m in _block_members(sub, names, modules, model))
+        return [n for n in names if n in found]
+    raise TypeError(f"blocks: expected a name pattern (str), a module, or a list of them; got {type(item).__name__}")
+
+
+def resolve_blocks(layout: ParamLayout, model: nn.Module, blocks: BlockSpec = None) -> dict[str, Tensor | None]:
+    """Parameter blocks as ``{label: index into the flat vector}`` (``None``: the whole model).
+
+    ``blocks`` is ``None`` (the whole model, label ``"model"``); ``"params"`` (one block per
+    parameter tensor); ``"modules"`` (one block per module that owns parameters directly, e.g.
+    each Linear or Conv layer); a name pattern (``fnmatch`` on parameter names, and a module
+    path matches all its parameters: ``"features.0"``, ``"*.weight"``); a module of the model; a
+    list of those (labelled by pattern or module path); or a dict ``{label: pattern, module or
+    list}`` (``None`` there: the whole model). A block that matches no parameter is an error.
+    """
+    names = list(layout.names)
+    if blocks is None:
+        return {"model": None}
+    modules = {id(m): n for n, m in model.named_modules()}
+    if isinstance(blocks, str) and blocks == "params":
+        spec: dict[str, Any] = {n: [n] for n in names}
+    elif isinstance(blocks, str) and blocks == "modules":
+        spec = {}
+        for n in names:
+            owner = n.rsplit(".", 1)[0] if "." in n else ""
+            spec.setdefault(owner or "(root)", []).append(n)
+    elif isinstance(blocks, dict):
+        spec = {str(k): v for k, v in blocks.items()}
+    elif isinstance(blocks, (str, nn.Module)):
+        spec = {_block_label(blocks, modules): blocks}
+    elif isinstance(blocks, (list, tuple)):
+        spec = {}
+        for item in blocks:
+            label = _block_label(item, modules)
+            if label in spec:
+                raise ValueError(f"blocks: two blocks are labelled {label!r}: pass a dict {{label: pattern}}")
+            spec[label] = item
+    else:
+        raise TypeError(f"blocks must be None, 'params', 'modules', a pattern, a module, a list or a dict; got {type(blocks).__name__}")
+    if not spec:
+        raise ValueError("blocks: no block given (pass None for the whole model)")
+    slices = layout.slices()
+    out: dict[str, Tensor | None] = {}
+    for label, item in spec.items():
+        members = _block_members(item, names, modules, model)
+        if not members:
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(f"blocks: {label!r} matches no trainable parameter (names are: {shown})")
+        if len(members) == len(names):
+            out[label] = None  # the whole model: no restriction needed
+            continue
+        out[label] = torch.cat([torch.arange(slices[n].start, slices[n].stop) for n in members])
+    return out
+
+
+def _block_label(item: Any, modules: dict[int, str]) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, nn.Module):
+        return modules.get(id(item), type(item).__name__) or "model"
+    if isinstance(item, (list, tuple)):
+        return "+".join(_block_label(i, modules) for i in item)
+    raise TypeError(f"blocks: expected a name pattern (str), a module, or a list of them; got {type(item).__name__}")
+
+
 class FunctionalModel:
     """Loss, gradient and Hessian-vector products of ``model`` as functions of a flat vector.
 
@@ -138,6 +220,11 @@ class FunctionalModel:
         self.device = first.device
         self.dtype = first.dtype
         self._param_views: list[Tensor] | None = None
+        # How HessianOperator.matmat applies a block of vectors (see there); "auto" measures once
+        # per batch shape and remembers the answer here.
+        self.batched: bool | Literal["auto"] = "auto"
+        self.max_batched = 32
+        self._batching: dict[tuple[Any, ...], bool] = {}
 
     @property
     def dim(self) -> int:
@@ -212,9 +299,25 @@ def _as_batch_list(batches: Batch | Sequence[Batch]) -> list[Batch]:
     return [batches]  # type: ignore[list-item]
 
 
-def _second_order_kernels() -> contextlib.AbstractContextManager[None]:
-    """Attention kernels that support double backward and forward-mode AD."""
-    return sdpa_kernel(SDPBackend.MATH)
+@contextlib.contextmanager
+def second_order_kernels() -> Iterator[None]:
+    """Attention kernels that support double backward and forward-mode AD.
+
+    The math kernel of ``scaled_dot_product_attention`` (the fused CPU kernel has neither a
+    double backward nor forward-mode AD), and no fused ``nn.MultiheadAttention`` fast path (an
+    eval-mode kernel that is not meant to be differentiated). Note: in torch 2.13, nested
+    torch.func transforms (``torch.func.hessian``, ``jacrev(jacrev)``) are wrong by percents
+    through LayerNorm or train-mode BatchNorm with an affine weight; the products used here
+    (double backward, ``jvp`` of ``grad``, and their vmaps) agree with finite differences to
+    1e-8 (tests/test_hessian.py).
+    """
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 class HessianOperator:
@@ -224,7 +327,8 @@ class HessianOperator:
     every product: on a 2-core CPU it measured 1.6x (digits MLP) and 2.6x (digits CNN) the cost
     of a gradient per product, against 4.0x / 4.2x for torch.func forward-over-reverse
     (``fwd_rev``), so ``auto`` picks double backward. ``fwd_rev`` keeps no graph alive (less
-    memory on large models).
+    memory on large models). Known limit of ``fwd_rev``: ``F.mse_loss`` raises "ZeroTensors are
+    immutable" there (pytorch#123996); double backward handles it.
 
     Second derivatives run with the math kernel of ``scaled_dot_product_attention``: the fused CPU
     (flash) kernel has neither a double backward nor forward-mode AD, so attention models would
@@ -242,12 +346,13 @@ class HessianOperator:
         self.route = "double_backward" if route == "auto" else route
         self.shape = (fm.dim, fm.dim)
         self.dtype = w.dtype
+        self.device = self.w.device
         self.matvecs = 0
         self._leaf: Tensor | None = None
         self._g: Tensor | None = None
         if self.route == "double_backward":
             leaf = self.w.clone().requires_grad_(True)
-            with torch.enable_grad(), _second_order_kernels():
+            with torch.enable_grad(), second_order_kernels():
                 value = fm.loss(leaf, self.batches)
                 (g,) = torch.autograd.grad(value, leaf, create_graph=True)
             self._leaf, self._g, self.loss = leaf, g, value.detach()
@@ -262,16 +367,41 @@ class HessianOperator:
                 (hv,) = torch.autograd.grad(self._g, self._leaf, v, retain_graph=True)
             return hv.detach()
         grad_fn = torch.func.grad(lambda x: self.fm.loss(x, self.batches))
-        with _second_order_kernels():
+        with second_order_kernels():
             _, hv = torch.func.jvp(grad_fn, (self.w,), (v,))
         return hv.detach()
 
     def matmat(self, V: Tensor) -> Tensor:
-        """H V for a (d, m) block of vectors (columns), batched through vmap."""
+        """H V for a (d, m) block of vectors (columns).
+
+        Batching the products through vmap (one backward over m vectors) is much faster when a
+        product is dominated by per-call overhead (small batches: digits MLP, 64 examples, 0.26x
+        a gradient per vector in blocks of 10 against 0.74x one at a time) and slower when it is
+        dominated by arithmetic (digits CNN, 1797 examples: 4.3x against 2.1x). ``batched``
+        (set on the :class:`FunctionalModel`) picks: ``True``, ``False``, or ``"auto"`` (default),
+        which times both once per batch shape and keeps the faster for the run. Both give the
+        same products up to rounding.
+        """
         if V.dim() != 2 or V.shape[0] != self.shape[0]:
             raise ValueError(f"matmat expects a ({self.shape[0]}, m) matrix, got {tuple(V.shape)}")
-        self.matvecs += V.shape[1]
         V = V.to(dtype=self.dtype, device=self.w.device)
+        m = V.shape[1]
+        if m == 1:
+            return self.matvec(V[:, 0]).unsqueeze(1)
+        choice = self.fm.batched
+        if choice == "auto":
+            key = (self.route, tuple(batch_size(b) for b in self.batches))
+            choice = self.fm._batching.get(key)
+            if choice is None:
+                return self._calibrate(V, key)
+        if not choice:
+            return torch.stack([self.matvec(V[:, j]) for j in range(m)], dim=1)
+        self.matvecs += m
+        # vmap holds m copies of the activations: split very wide blocks
+        step = max(1, self.fm.max_batched)
+        return torch.cat([self._batched(V[:, j:j + step]) for j in range(0, m, step)], dim=1)
+
+    def _batched(self, V: Tensor) -> Tensor:
         if self.route == "double_backward":
             assert self._g is not None and self._leaf is not None
             with torch.enable_grad():
@@ -281,8 +411,29 @@ class HessianOperator:
             return HV.detach().T
         grad_fn = torch.func.grad(lambda x: self.fm.loss(x, self.batches))
         jvp = lambda v: torch.func.jvp(grad_fn, (self.w,), (v,))[1]  # noqa: E731
-        with _second_order_kernels():
+        with second_order_kernels():
             return torch.func.vmap(jvp)(V.T.contiguous()).T
+
+    def _calibrate(self, V: Tensor, key: tuple[Any, ...]) -> Tensor:
+        """Time batched and one-at-a-time products on a few columns; remember the faster.
+
+        The first batched call pays vmap's one-off set-up, so it is repeated before timing: the
+        calibration costs ``c`` extra products (``c <= 8``), once per batch shape and run.
+        """
+        c = min(V.shape[1], 8)
+        head = self._batched(V[:, :c])
+        t0 = time.perf_counter()
+        for j in range(c):
+            self.matvec(V[:, j])
+        t1 = time.perf_counter()
+        self._batched(V[:, :c])
+        t2 = time.perf_counter()
+        self.matvecs -= c  # the timing products are overhead, not part of the caller's count
+        self.fm._batching[key] = (t2 - t1) < (t1 - t0)
+        self.matvecs += c
+        if V.shape[1] == c:
+            return head
+        return torch.cat([head, self.matmat(V[:, c:])], dim=1)
 
     __call__ = matvec
 
@@ -296,7 +447,12 @@ def set_probe_modes(model: nn.Module, bn_mode: BNMode) -> None:
         raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
     for m in model.modules():
         # object.__setattr__: nn.Module.__setattr__ costs microseconds per module per probe call
-        object.__setattr__(m, "training", bn_mode == "train" and isinstance(m, _NORM_TYPES))
+        norm = isinstance(m, _NORM_TYPES)
+        object.__setattr__(m, "training", bn_mode == "train" and norm)
+        if norm and bn_mode == "train":
+            # batch statistics without updating the running ones: a probe must not move them, and
+            # an in-place buffer update inside torch.func transforms is an error
+            object.__setattr__(m, "track_running_stats", False)
 
 
 @contextlib.contextmanager
@@ -307,8 +463,12 @@ def probe_guard(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
     train mode), the global RNG states (CPU and CUDA), and each parameter's ``.grad`` (the same
     tensor object, with its values).
     """
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    # Restored only where changed: an unconditional copy_ would bump the version of buffers an
+    # eval-mode graph saved and invalidate it (the Hessian operator the step's curvature probes
+    # share; the user's pending backward). Values are compared too, because the CPU batch-norm
+    # kernel updates running stats without bumping their version counter.
+    buffers = [(b, b._version, b.detach().clone()) for b in model.buffers()]
     # A backward inside the probe accumulates into the existing .grad tensors in place, so keep
     # their values as well as their identity (optimizers and user code may hold references).
     grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
@@ -318,11 +478,14 @@ def probe_guard(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
         set_probe_modes(model, bn_mode)
         yield
     finally:
-        for m, flag in modes:
+        for m, flag, track in modes:
             object.__setattr__(m, "training", flag)
+            if track is not None:
+                object.__setattr__(m, "track_running_stats", track)
         with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+            for b, version, saved in buffers:
+                if b._version != version or not torch.equal(b, saved):
+                    b.copy_(saved)
         with torch.no_grad():
             for p, g, saved_g in grads:
                 p.grad = g

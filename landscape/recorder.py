@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+import xarray as xr
 from torch import Tensor, nn
 
 from landscape.functional import FunctionalModel, draw_batches, move_batch, probe_guard, trainable_parameters
 from landscape.schema import Var, attrs_for
-from landscape.store import RunWriter, open_run
+from landscape.store import RunWriter, _fill, open_run
 # Module import, not names: probes.base imports landscape.functional, which runs this package's
 # __init__ (and so this module) while probes.base is half-initialised when probes is imported first.
 from probes import base as _probe_base
@@ -174,8 +175,11 @@ class Recorder:
         self.path = Path(store)
         if isinstance(commit_delay, bool) or not isinstance(commit_delay, (int, float)) or not 0 <= commit_delay <= 3600:
             raise ValueError(f"commit_delay must be a number of seconds in [0, 3600], got {commit_delay!r}")
+        self.coords = _union_coords(probes)
         self.writer = RunWriter(self.path, self._run_attrs(run or {}, loss_fn), overwrite=overwrite, resume=resume,
                                 max_delay=float(commit_delay))
+        if self.coords:
+            self.writer.write_dataset(xr.Dataset(coords={k: (k, np.asarray(v)) for k, v in self.coords.items()}))
 
         # -- state ---------------------------------------------------------------------------
         self.step = (self.writer.step0 or 0) + self.writer.rows if resume else 0
@@ -357,7 +361,8 @@ class Recorder:
             else:
                 out = fn(ctx)
             if isinstance(out, _probe_base.Measurement):
-                out.values = {k: Var(v.dims, _to_numpy(v.data), v.attrs) for k, v in out.values.items()}
+                own = probe.coords()
+                out.values = {k: _aligned(Var(v.dims, _to_numpy(v.data), v.attrs), own, self.coords) for k, v in out.values.items()}
             return out
         except Exception as exc:
             info = self.probe_errors.setdefault(probe.name, {"count": 0, "first_step": ctx.step, "error": ""})
@@ -438,6 +443,46 @@ class Recorder:
                 self._untap()
         except Exception:
             pass
+
+
+def _union_coords(probes: Sequence[Probe]) -> dict[str, list[Any]]:
+    """The labels of each extra dim over all probes, in first-seen order. A label two probes
+    share must mean the same thing (for ``block``: the same parameters)."""
+    union: dict[str, list[Any]] = {}
+    blocks: dict[str, tuple[Tensor | None, str]] = {}
+    for p in probes:
+        for dim, labels in p.coords().items():
+            seen = union.setdefault(dim, [])
+            seen.extend(lab for lab in labels if lab not in seen)
+        for label, index in (getattr(p, "block_index", None) or {}).items():
+            if label in blocks:
+                other, owner = blocks[label]
+                same = (index is None and other is None) or (
+                    index is not None and other is not None and torch.equal(index, other))
+                if not same:
+                    raise ValueError(f"block {label!r} means different parameters in {owner} and {p.name}: "
+                                     "give different blocks different labels")
+            else:
+                blocks[label] = (index, p.name)
+    return union
+
+
+def _aligned(v: Var, own: dict[str, list[Any]], union: dict[str, list[Any]]) -> Var:
+    """Place a probe's values along the run's labels of each shared dim (NaN where it has none)."""
+    for axis, dim in enumerate(v.dims):
+        labels = own.get(dim)
+        if labels is None or labels == union.get(dim, labels):
+            continue
+        data = np.asarray(v.data)
+        where = [union[dim].index(lab) for lab in labels]
+        shape = list(data.shape)
+        shape[axis] = len(union[dim])
+        full = np.full(shape, _fill(data.dtype), dtype=data.dtype if data.dtype.kind in "fb" else np.int64)
+        index = [slice(None)] * data.ndim
+        index[axis] = where
+        full[tuple(index)] = data
+        v = Var(v.dims, full, v.attrs)
+    return v
 
 
 def _to_numpy(x: Any) -> Any:

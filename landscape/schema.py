@@ -9,6 +9,11 @@ Dimensions
     quantile    quantile level of a per-step summary over samples.
     bound       how a uniform bound is estimated: ``extreme`` (min/max) or ``quantile``.
     null        lower/upper edge of a null band.
+    block       parameter block of a curvature probe (``model`` = all trainable parameters);
+                labelled by the probes' ``blocks=`` (name patterns or modules).
+    eig         index of a top eigenvalue (0 = largest); ``eig_bottom`` of a bottom one (0 =
+                smallest); ``eig_preconditioned`` of a top eigenvalue of P^-1/2 H P^-1/2.
+    node        SLQ quadrature node, flat over (probe vector, Lanczos step).
 
 Trajectory group (``trajectory/``, read with ``landscape.open_trajectory``; dims ``record``,
 ``param`` or ``sketch``, ``sample``): the raw vectors behind reference-dependent probes, float32.
@@ -80,6 +85,44 @@ VARIABLES: dict[str, VarSpec] = {
     "gamma_null": VarSpec(("null",), "gamma null band", "1", "RestrictedSecant",
                           "central interval of cos(u, w - w*) for u uniform on the sphere in d dims (widened by the sketch error in sketch mode)"),
     "gamma_above_null": VarSpec(("step",), "fraction of samples with gamma above the null band", "1", "RestrictedSecant", ""),
+    # HessianSpectrum (block: parameter block, "model" = all trainable parameters)
+    "eigenvalues": VarSpec(("step", "block", "eig"), "top Hessian eigenvalues", "1", "HessianSpectrum",
+                           "top-k eigenvalues of the Hessian of the mean probe-batch loss, descending (Lanczos Ritz values)"),
+    "lambda_max": VarSpec(("step", "block"), "lambda_max (sharpness)", "1", "HessianSpectrum", "largest Hessian eigenvalue"),
+    "eigenvalue_residuals": VarSpec(("step", "block", "eig"), "Ritz residual |Hv - lambda v|", "1", "HessianSpectrum",
+                                    "residual norm of each Ritz pair (unit v)"),
+    "eigenvalue_error_bounds": VarSpec(("step", "block", "eig"), "eigenvalue error bound", "1", "HessianSpectrum",
+                                       "min(r, r^2 / gap): a bound on |lambda_true - lambda| from the residual r and the gap to the next Ritz value"),
+    "eigenvalues_converged": VarSpec(("step", "block", "eig"), "eigenvalue converged", "1", "HessianSpectrum",
+                                     "error bound <= tol * max(|lambda|, 1e-2 |lambda_max|)"),
+    "spectrum_matvecs": VarSpec(("step", "block"), "Hessian-vector products (spectrum)", "1", "HessianSpectrum",
+                                "products used by Lanczos at this step (warm starts need fewer)"),
+    "eigenvalues_bottom": VarSpec(("step", "block", "eig_bottom"), "bottom Hessian eigenvalues", "1", "HessianSpectrum",
+                                  "bottom-k eigenvalues, ascending (only with bottom=k)"),
+    "lambda_min": VarSpec(("step", "block"), "lambda_min", "1", "HessianSpectrum", "smallest Hessian eigenvalue (only with bottom=k)"),
+    "eigenvalue_residuals_bottom": VarSpec(("step", "block", "eig_bottom"), "Ritz residual (bottom)", "1", "HessianSpectrum", ""),
+    "eigenvalues_converged_bottom": VarSpec(("step", "block", "eig_bottom"), "bottom eigenvalue converged", "1", "HessianSpectrum", ""),
+    # HessianTrace
+    "trace": VarSpec(("step", "block"), "Hessian trace", "1", "HessianTrace", "tr(H) by Hutch++ or Hutchinson (attrs: method, matvecs)"),
+    "trace_stderr": VarSpec(("step", "block"), "standard error of the trace", "1", "HessianTrace",
+                            "standard error of the stochastic part of the estimate"),
+    # SpectralDensity
+    "slq_nodes": VarSpec(("step", "block", "node"), "SLQ nodes", "1", "SpectralDensity",
+                         "Ritz values of each probe vector's Lanczos tridiagonal, flat over (vector, step); NaN = padding"),
+    "slq_weights": VarSpec(("step", "block", "node"), "SLQ weights", "1", "SpectralDensity",
+                           "squared first components / number of vectors (sum to 1); smooth with probes.curvature.density_on_grid"),
+    # PreconditionedSharpness
+    "preconditioned_eigenvalues": VarSpec(("step", "block", "eig_preconditioned"), "top eigenvalues of P^-1/2 H P^-1/2", "1",
+                                          "PreconditionedSharpness", "P: the optimizer's diagonal preconditioner (identity for SGD)"),
+    "preconditioned_lambda_max": VarSpec(("step", "block"), "preconditioned sharpness", "1", "PreconditionedSharpness",
+                                         "lambda_max of P^-1/2 (H + coupled weight decay) P^-1/2"),
+    "preconditioned_residual": VarSpec(("step", "block"), "Ritz residual (preconditioned)", "1", "PreconditionedSharpness", ""),
+    "preconditioned_converged": VarSpec(("step", "block"), "preconditioned lambda_max converged", "1", "PreconditionedSharpness", ""),
+    "preconditioned_matvecs": VarSpec(("step", "block"), "Hessian-vector products (preconditioned)", "1", "PreconditionedSharpness", ""),
+    "stability_ratio": VarSpec(("step", "block"), "stability ratio eta lambda / c", "1", "PreconditionedSharpness",
+                               "1 = edge of stability (c = 2 for GD, 2 + 2 beta heavy ball, (2 + 2 beta1)/(1 - beta1) Adam)"),
+    "eos_threshold": VarSpec(("step",), "edge-of-stability curvature c / eta", "1", "PreconditionedSharpness",
+                             "the (preconditioned) lambda_max at which the optimizer is at the edge of stability"),
 }
 for _suffix, (_dims, _label, _what) in _SECANT_VARIANTS.items():
     for _name, (_long, _formula) in _SECANT_DOC.items():
@@ -128,3 +171,11 @@ class Var:
 def var(name: str, data: object, dims: tuple[str, ...] | None = None, **settings: object) -> Var:
     """A :class:`Var` whose attrs come from the schema entry ``name``."""
     return Var(dims if dims is not None else dims_for(name), data, attrs_for(name, **settings))
+
+
+def step_value(name: str, data: object, **settings: object) -> Var:
+    """A per-step :class:`Var` (one row of ``name``): its dims are the schema's without ``step``."""
+    dims = dims_for(name)
+    if not dims or dims[0] != "step":
+        raise KeyError(f"{name!r} is not a per-step variable (dims {dims})")
+    return Var(dims[1:], data, attrs_for(name, **settings))

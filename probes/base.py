@@ -11,7 +11,7 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from landscape.functional import Batch, BNMode, FunctionalModel
+from landscape.functional import Batch, BNMode, FunctionalModel, HessianOperator, HVPRoute
 from landscape.schedule import Every, Schedule
 from landscape.schema import Var
 
@@ -44,6 +44,26 @@ class Context:
     trajectory: TrajectoryIter | None = None
     dataset: Callable[[], xr.Dataset] | None = None
     steps: np.ndarray | None = None
+    # Results one probe leaves for the others at the same step (e.g. HessianSpectrum's Ritz
+    # vectors under "hessian_eigenvectors"), and the Hessian operators built at this step.
+    shared: dict[str, Any] = field(default_factory=dict)
+    _operators: dict[tuple[Any, ...], HessianOperator] = field(default_factory=dict, repr=False)
+
+    def hessian(self, samples: int, bn_mode: BNMode = "eval", route: HVPRoute = "auto") -> HessianOperator:
+        """The Hessian of the mean loss over the first ``samples`` probe batches at w_t.
+
+        Built once per step and shared by every curvature probe that asks for the same batches,
+        mode and route: building it costs about one gradient.
+        """
+        key = (samples, bn_mode, route)
+        op = self._operators.get(key)
+        if op is None:
+            if self.params is None:
+                raise RuntimeError("the Hessian needs the step's parameters (ctx.params)")
+            if samples > len(self.probe_batches):
+                raise ValueError(f"asked for {samples} probe batches, the recorder drew {len(self.probe_batches)}")
+            op = self._operators[key] = self.functional.hessian_operator(self.params, self.probe_batches[:samples], route)
+        return op
 
 
 @dataclass
@@ -82,6 +102,12 @@ class Probe:
 
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
         """Called once by ``attach``, before training: validate against the model."""
+
+    def coords(self) -> dict[str, list[Any]]:
+        """Labels of the extra dims this probe's per-step values use (e.g. ``block``). Probes
+        of one run share a dim: the recorder stores the union of their labels and fills NaN
+        where a probe has no value."""
+        return {}
 
     def due(self, step: int) -> bool:
         return self.schedule.due(step)

@@ -280,10 +280,15 @@ def test_probe_guard_restores_modes_buffers_rng_and_grads(bn_mode):
                 assert m.training == (bn_mode == "train"), n
             else:
                 assert not m.training, n  # Dropout included
-        model.train()
+        if bn_mode == "train":
+            # batch statistics, and the running ones stay put (no in-place update to undo)
+            model(X)
+            assert torch.equal(model.features[1].running_mean, buffers["features.1.running_mean"])
+        model.train()  # probe code that switches modes itself: its writes are undone too
         out = model(X)  # BN train-mode forward: running stats move; dropout draws from the RNG
-        assert not torch.equal(model.features[1].running_mean, buffers["features.1.running_mean"])
-        assert int(model.features[1].num_batches_tracked) == int(buffers["features.1.num_batches_tracked"]) + 1
+        if bn_mode == "eval":
+            assert not torch.equal(model.features[1].running_mean, buffers["features.1.running_mean"])
+            assert int(model.features[1].num_batches_tracked) == int(buffers["features.1.num_batches_tracked"]) + 1
         torch.randn(1000)
         torch.rand(7)
         for p in params:
