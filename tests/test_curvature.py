@@ -296,9 +296,7 @@ def test_recorded_run_has_every_variable_and_unchanged_trajectory(tmp_path):
     integral = np.trapezoid(dens.values, dens["eigenvalue"].values, axis=1)
     np.testing.assert_allclose(integral, 1.0, atol=1e-3)
     assert ds.attrs["probe_errors"] == {}
-    # warm starts: later measurements need fewer products than the first (cold) one
-    mv = ds["spectrum_matvecs"].sel(block="model").dropna("step").values
-    assert mv[1:].mean() < mv[0]
+    assert (ds["spectrum_matvecs"].sel(at) >= 5).all()
 
 
 def test_density_helper_says_what_is_missing(tmp_path):
@@ -310,3 +308,31 @@ def test_density_helper_says_what_is_missing(tmp_path):
 def test_conflicting_block_labels_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="block 'head' means different parameters"):
         _record(tmp_path, [HessianTrace(blocks={"head": "head"}), HessianSpectrum(blocks={"head": "features"})], steps=1)
+
+
+@pytest.mark.parametrize("warm", [True, "block"])
+def test_warm_started_tracking_is_as_accurate_and_cheaper_when_the_hessian_moves_little(warm):
+    torch.manual_seed(7)
+    model = DigitsMLP(hidden=16).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [_batch(64)]
+    fm = FunctionalModel(model, F.cross_entropy)
+    w = fm.flat_params()
+    moved = w + 1e-4 * w.norm() * torch.randn(w.shape, generator=torch.Generator().manual_seed(1), dtype=w.dtype) / math.sqrt(w.numel())
+
+    def measure(probe, params, step):
+        ctx = Context(step=step, functional=fm, model=model, optimizer=opt, probe_batches=batches, params=params)
+        with probe_guard(model, "eval"):
+            return probe.measure(ctx).values
+
+    tracked = HessianSpectrum(k=5, tol=1e-8, warm_start=warm)
+    tracked.setup(fm, opt)
+    measure(tracked, w, 0)
+    warm_out = measure(tracked, moved, 1)
+    cold = HessianSpectrum(k=5, tol=1e-8, warm_start=False)
+    cold.setup(fm, opt)
+    cold_out = measure(cold, moved, 1)
+    np.testing.assert_allclose(warm_out["eigenvalues"].data, cold_out["eigenvalues"].data, rtol=1e-7)
+    assert warm_out["spectrum_matvecs"].data[0] < cold_out["spectrum_matvecs"].data[0]
+    with pytest.raises(ValueError, match="warm_start must be"):
+        HessianSpectrum(warm_start="yes")
