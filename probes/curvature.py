@@ -139,7 +139,9 @@ class HessianSpectrum(CurvatureProbe):
     warm-started from the previous one's Ritz vectors (see ``warm_start`` below). A value is
     converged when its error bound min(r, r^2/gap) (r the Ritz residual) is below ``tol`` times
     its magnitude; residuals, bounds, flags and the number of products are stored with it. The
-    Ritz vectors are left in ``ctx.shared["hessian_eigenvectors"][block]`` for other probes.
+    top-k Ritz pairs are left for other probes at the same step in
+    ``ctx.shared["hessian_eigenvectors"][block]`` (a dict: eigenvalues, eigenvectors (d_block, k),
+    and the samples and bn_mode of the Hessian they belong to).
 
     Args:
         every: cadence. k: number of top eigenvalues. bottom: number of bottom eigenvalues (0:
@@ -184,7 +186,8 @@ class HessianSpectrum(CurvatureProbe):
                 bottom.append(_split(res, "bottom", self.bottom))
             matvecs.append(res.matvecs)
             sel = [i for i, kind in enumerate(res.kind) if kind == "top"][:self.k]
-            shared[label] = (res.eigenvalues[sel], res.eigenvectors[:, sel])
+            shared[label] = {"eigenvalues": res.eigenvalues[sel], "eigenvectors": res.eigenvectors[:, sel],
+                             "samples": self.samples, "bn_mode": self.bn_mode}
         s = {**self._settings(), "k": self.k, "tol": self.tol, "warm_start": self.warm_start}
         values = {
             "eigenvalues": step_value("eigenvalues", np.stack([t["values"] for t in top]), **s),

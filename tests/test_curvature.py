@@ -151,6 +151,13 @@ def test_blocks_against_dense_diagonal_blocks():
         idx = torch.cat([torch.arange(sl[n].start, sl[n].stop) for n in groups[label]])
         true = torch.linalg.eigvalsh(H[idx][:, idx]).flip(0).numpy()
         np.testing.assert_allclose(out["eigenvalues"][b], true[:2], rtol=1e-7)
+        # the Ritz pairs left for other probes at this step are eigenpairs of the block
+        pairs = ctx.shared["hessian_eigenvectors"][label]
+        Hb, V = H[idx][:, idx], pairs["eigenvectors"]
+        resid = torch.linalg.vector_norm(Hb @ V - V * pairs["eigenvalues"], dim=0).numpy()
+        assert (resid <= 1.1 * out["eigenvalue_residuals"][b] + 1e-12).all(), (resid, out["eigenvalue_residuals"][b])
+        assert (resid < 1e-5 * abs(true[0])).all()
+        assert pairs["bn_mode"] == "eval" and pairs["samples"] == 1
     with pytest.raises(ValueError, match="matches no trainable parameter"):
         HessianSpectrum(blocks=["conv*"]).setup(ctx.functional, opt)
     with pytest.raises(ValueError, match="block 'net.5.bias', which has only 10 parameters"):

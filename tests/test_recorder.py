@@ -75,7 +75,7 @@ def test_closure_accumulation_clipping_scheduler(tmp_path):
                 loss.backward()
                 return loss
             value = opt.step(closure)
-            expected_loss.append(float(value))
+            expected_loss.append(float(value.detach()))
             grads.append(rec.functional.flat_grad())
         elif i % 3 == 1:  # gradient accumulation over two halves
             opt.zero_grad()
