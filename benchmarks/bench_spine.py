@@ -208,17 +208,20 @@ def train_run(data: Digits, steps: int, probes: list | None, *, seed: int = 0, s
     return out
 
 
-def _store_dir(name: str, store_dir: Path | None) -> Path | None:
-    return TMPFS if CONFIGS[name][3] else store_dir
+def _store_dir(name: str, store_dir: Path | None, configs: dict[str, tuple] | None = None) -> Path | None:
+    return TMPFS if (CONFIGS if configs is None else configs)[name][3] else store_dir
 
 
 def bench_training(data: Digits, steps: int, repeats: int, log: Callable[[str], None], guard: Contention,
-                   store_dir: Path | None = None) -> dict[str, Any]:
-    names = [k for k, v in CONFIGS.items() if not v[3] or (TMPFS.is_dir() and os.access(TMPFS, os.W_OK))]
+                   store_dir: Path | None = None, configs: dict[str, tuple] | None = None) -> dict[str, Any]:
+    """The with/without ratios of ``configs`` (default :data:`CONFIGS`; same layout: name -> (probe
+    factory, target, description, store on tmpfs))."""
+    configs = CONFIGS if configs is None else configs
+    names = [k for k, v in configs.items() if not v[3] or (TMPFS.is_dir() and os.access(TMPFS, os.W_OK))]
     # warm-up: one run of each kind, not counted (allocator, imports, zarr, first-call caches)
     train_run(data, min(steps, 60), None)
     for name in names:
-        train_run(data, min(steps, 60), CONFIGS[name][0](), store_dir=_store_dir(name, store_dir))
+        train_run(data, min(steps, 60), configs[name][0](), store_dir=_store_dir(name, store_dir, configs))
     keys = ("total", "loop", "cpu")
     ratios: dict[str, dict[str, list[float]]] = {k: {q: [] for q in keys} for k in names}
     fixed_ms: dict[str, list[float]] = {k: [] for k in names}
@@ -227,8 +230,8 @@ def bench_training(data: Digits, steps: int, repeats: int, log: Callable[[str], 
     load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
-            make = CONFIGS[name][0]
-            sd = _store_dir(name, store_dir)
+            make = configs[name][0]
+            sd = _store_dir(name, store_dir, configs)
 
             def pair() -> tuple[dict[str, Any], dict[str, Any]]:
                 # A B on even repeats, B A on odd ones: drift cancels in the median
@@ -257,7 +260,7 @@ def bench_training(data: Digits, steps: int, repeats: int, log: Callable[[str], 
                            "store_dir": str(store_dir or tempfile.gettempdir()), "loadavg_1min_before_after": load,
                            "contention": contention, "configs": {}}
     for name in names:
-        _, target, desc, on_tmpfs = CONFIGS[name]
+        _, target, desc, on_tmpfs = configs[name]
         s = storage[name]
         d, rows, prow = s["dim"], s["rows"], max(1, s["probe_rows"])
         out["configs"][name] = {

@@ -94,7 +94,7 @@ def test_closure_accumulation_clipping_scheduler(tmp_path):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
             grads.append(rec.functional.flat_grad())
-            expected_loss.append(float(loss))
+            expected_loss.append(float(loss.detach()))
             opt.step()
         after = torch.cat([p.detach().reshape(-1).clone() for p in rec.functional.params])
         updates.append(after - before)
