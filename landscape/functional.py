@@ -119,7 +119,7 @@ BlockSpec = Any
 """What a curvature probe's ``blocks=`` accepts: see :func:`resolve_blocks`."""
 
 
-def _block_members(item: Any, names: Sequence[str], modules: dict[int, str], model: nn.Module | None) -> list[str]:
+def _block_members(item: Any, names: Sequence[str], modules: dict[int, str]) -> list[str]:
     if item is None:
         return list(names)
     if isinstance(item, nn.Module):
@@ -130,7 +130,7 @@ def _block_members(item: Any, names: Sequence[str], modules: dict[int, str], mod
     if isinstance(item, str):
         return [n for n in names if fnmatch.fnmatchcase(n, item) or n.startswith(item + ".")]
     if isinstance(item, (list, tuple)):
-        found = dict.fromkeys(m for sub in item for m in _block_members(sub, names, modules, model))
+        found = dict.fromkeys(m for sub in item for m in _block_members(sub, names, modules))
         return [n for n in names if n in found]
     raise TypeError(f"blocks: expected a name pattern (str), a module, or a list of them; got {type(item).__name__}")
 
@@ -174,7 +174,7 @@ def resolve_blocks(layout: ParamLayout, model: nn.Module, blocks: BlockSpec = No
     slices = layout.slices()
     out: dict[str, Tensor | None] = {}
     for label, item in spec.items():
-        members = _block_members(item, names, modules, model)
+        members = _block_members(item, names, modules)
         if not members:
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise ValueError(f"blocks: {label!r} matches no trainable parameter (names are: {shown})")

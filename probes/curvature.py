@@ -139,6 +139,9 @@ class HessianSpectrum(CurvatureProbe):
     warm-started from the previous one's Ritz vectors (see ``warm_start`` below). A value is
     converged when its error bound min(r, r^2/gap) (r the Ritz residual) is below ``tol`` times
     its magnitude; residuals, bounds, flags and the number of products are stored with it. The
+    bound is that of the operator as computed: a float32 model's products carry rounding noise,
+    which limits the eigenvalues to about 1e-6 relative for lambda_max and 1e-5 for smaller ones
+    (digits CNN, 64 examples, against float64), whatever ``tol`` says. The
     top-k Ritz pairs are left for other probes at the same step in
     ``ctx.shared["hessian_eigenvectors"][block]`` (a dict: eigenvalues, eigenvectors (d_block, k),
     and the samples and bn_mode of the Hessian they belong to).

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import landscape
-from landscape.functional import FunctionalModel, probe_guard, second_order_kernels
+from landscape.functional import FunctionalModel, probe_guard, resolve_blocks, second_order_kernels
 from landscape.models import DigitsCNN, DigitsMLP, TinyTransformer
 from probes import HessianSpectrum, HessianTrace, PreconditionedSharpness, RestrictedSecant, SpectralDensity
 from probes.base import Context
@@ -343,3 +343,26 @@ def test_warm_started_tracking_is_as_accurate_and_cheaper_when_the_hessian_moves
     assert warm_out["spectrum_matvecs"].data[0] < cold_out["spectrum_matvecs"].data[0]
     with pytest.raises(ValueError, match="warm_start must be"):
         HessianSpectrum(warm_start="yes")
+
+
+def test_block_specs_params_modules_patterns_and_errors():
+    model = DigitsMLP(hidden=4)
+    fm = FunctionalModel(model, F.cross_entropy)
+    sl = fm.layout.slices()
+    per_param = resolve_blocks(fm.layout, model, "params")
+    assert list(per_param) == list(fm.layout.names)
+    for name, index in per_param.items():
+        assert torch.equal(index, torch.arange(sl[name].start, sl[name].stop))
+    per_module = resolve_blocks(fm.layout, model, "modules")
+    assert list(per_module) == ["net.1", "net.3", "net.5"]
+    assert per_module["net.3"].numel() == 4 * 4 + 4
+    assert resolve_blocks(fm.layout, model, None) == {"model": None}
+    assert resolve_blocks(fm.layout, model, {"all": "*"}) == {"all": None}  # everything: no restriction
+    both = resolve_blocks(fm.layout, model, [["net.1", model.net[5]]])
+    assert list(both) == ["net.1+net.5"] and both["net.1+net.5"].numel() == 64 * 4 + 4 + 4 * 10 + 10
+    with pytest.raises(ValueError, match="two blocks are labelled 'net.1'"):
+        resolve_blocks(fm.layout, model, ["net.1", "net.1"])
+    with pytest.raises(ValueError, match="not a submodule"):
+        resolve_blocks(fm.layout, model, [nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match="blocks must be None"):
+        resolve_blocks(fm.layout, model, 3)
