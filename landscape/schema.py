@@ -10,7 +10,10 @@ Dimensions
     bound       how a uniform bound is estimated: ``extreme`` (min/max) or ``quantile``.
     null        lower/upper edge of a null band.
     block       parameter block of a curvature probe (``model`` = all trainable parameters);
-                labelled by the probes' ``blocks=`` (name patterns or modules).
+                labelled by the probes' ``blocks=`` (name patterns or modules). Curvature
+                variables always have it (DESIGN.md's ``eigenvalues (step, eig)`` is
+                ``eigenvalues.sel(block="model")`` here), so one run's layout does not depend
+                on whether blocks were asked for.
     eig         index of a top eigenvalue (0 = largest); ``eig_bottom`` of a bottom one (0 =
                 smallest); ``eig_preconditioned`` of a top eigenvalue of P^-1/2 H P^-1/2.
     node        SLQ quadrature node, flat over (probe vector, Lanczos step).

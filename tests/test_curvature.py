@@ -366,3 +366,31 @@ def test_block_specs_params_modules_patterns_and_errors():
         resolve_blocks(fm.layout, model, [nn.Linear(2, 2)])
     with pytest.raises(TypeError, match="blocks must be None"):
         resolve_blocks(fm.layout, model, 3)
+
+
+def test_preconditioned_custom_preconditioner_threshold_and_per_group_lrs():
+    torch.manual_seed(8)
+    model = DigitsMLP(hidden=5).double()
+    first = list(model.net[1].parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    opt = torch.optim.SGD([{"params": first, "lr": 0.2}, {"params": rest, "lr": 0.05}], lr=0.05)
+    batches = [_batch(40)]
+    fm = FunctionalModel(model, F.cross_entropy)
+    P = torch.linspace(0.5, 2.0, fm.dim, dtype=torch.float64)
+    probe = PreconditionedSharpness(tol=1e-10, preconditioner=lambda o: P, threshold=3.0, bn_mode="eval")
+    out, ctx = _measure(probe, model, opt, batches, fm=fm)
+    with probe_guard(model, "eval"):
+        H = _dense(fm, ctx.params, batches)
+    n1 = sum(p.numel() for p in first)  # net.1 comes first in the flat vector
+    rel = torch.cat([torch.full((n1,), 0.2 / 0.2), torch.full((fm.dim - n1,), 0.05 / 0.2)]).double()
+    D = torch.diag((rel / P).sqrt())
+    lam = float(torch.linalg.eigvalsh(D @ H @ D)[-1])
+    assert out["preconditioned_lambda_max"][0] == pytest.approx(lam, rel=1e-8)
+    assert out["stability_ratio"][0] == pytest.approx(0.2 * lam / 3.0, rel=1e-8)
+    assert out["eos_threshold"] == pytest.approx(3.0 / 0.2)
+    with pytest.raises(ValueError, match="threshold must be a positive number"):
+        PreconditionedSharpness(threshold=-1)
+    bad = PreconditionedSharpness(preconditioner=lambda o: -P)
+    bad.setup(fm, opt)
+    with pytest.raises(FloatingPointError, match="non-positive"):
+        bad.measure(_ctx(model, opt, batches, fm=fm))
