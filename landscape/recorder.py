@@ -176,6 +176,7 @@ class Recorder:
         if isinstance(commit_delay, bool) or not isinstance(commit_delay, (int, float)) or not 0 <= commit_delay <= 3600:
             raise ValueError(f"commit_delay must be a number of seconds in [0, 3600], got {commit_delay!r}")
         self.coords = _union_coords(probes)
+        _check_trajectory_names(probes)
         self.writer = RunWriter(self.path, self._run_attrs(run or {}, loss_fn), overwrite=overwrite, resume=resume,
                                 max_delay=float(commit_delay))
         if self.coords:
@@ -412,6 +413,10 @@ class Recorder:
                 ds = self._run_probe(probe, probe.finalize, ctx)
                 if ds is not None:
                     try:
+                        # finalize results share the run's labels of each dim (NaN where absent)
+                        shared = {d: self.coords[d] for d in ds.dims if d in self.coords}
+                        if shared:
+                            ds = ds.reindex(shared)
                         self.writer.write_dataset(ds)
                     except Exception as exc:
                         self._internal_error(exc)
@@ -454,6 +459,8 @@ def _union_coords(probes: Sequence[Probe]) -> dict[str, list[Any]]:
         for dim, labels in p.coords().items():
             seen = union.setdefault(dim, [])
             seen.extend(lab for lab in labels if lab not in seen)
+            if all(isinstance(lab, (int, float, np.number)) and not isinstance(lab, bool) for lab in seen):
+                seen.sort()  # numeric positions (alpha, radius) read in order whoever declared them
         for label, index in (getattr(p, "block_index", None) or {}).items():
             if label in blocks:
                 other, owner = blocks[label]
@@ -465,6 +472,16 @@ def _union_coords(probes: Sequence[Probe]) -> dict[str, list[Any]]:
             else:
                 blocks[label] = (index, p.name)
     return union
+
+
+def _check_trajectory_names(probes: Sequence[Probe]) -> None:
+    seen: dict[str, tuple[str, str]] = {}
+    for p in probes:
+        for name, dim in p.trajectory_vectors().items():
+            if name in seen and seen[name][0] != dim:
+                raise ValueError(f"{p.name} stores full trajectory vectors {name!r} but {seen[name][1]} stores them as "
+                                 f"{seen[name][0]} vectors: give RestrictedSecant sketch=None, or drop {p.name}")
+            seen.setdefault(name, (dim, p.name))
 
 
 def _aligned(v: Var, own: dict[str, list[Any]], union: dict[str, list[Any]]) -> Var:

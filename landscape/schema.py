@@ -17,6 +17,13 @@ Dimensions
     eig         index of a top eigenvalue (0 = largest); ``eig_bottom`` of a bottom one (0 =
                 smallest); ``eig_preconditioned`` of a top eigenvalue of P^-1/2 H P^-1/2.
     node        SLQ quadrature node, flat over (probe vector, Lanczos step).
+    kind        which sharpness measure (``average``, ``worst_l2_adaptive``, ``sam``, ...).
+    radius      perturbation radius rho of a sharpness measure.
+    perturbation  PAC-Bayes perturbation family: ``isotropic`` or ``magnitude``.
+    direction   a direction in parameter space (``trajectory``, ``eigenvector``, ``random_0``, ...).
+    alpha       position along a 1-D profile or an interpolation segment (numeric, sorted).
+    component   principal component of the recorded trajectory; ``x``/``y`` grid coordinates on
+                the plane of the first two (distances along unit principal directions).
 
 Trajectory group (``trajectory/``, read with ``landscape.open_trajectory``; dims ``record``,
 ``param`` or ``sketch``, ``sample``): the raw vectors behind reference-dependent probes, float32.
@@ -126,6 +133,83 @@ VARIABLES: dict[str, VarSpec] = {
                                "1 = edge of stability (c = 2 for GD, 2 + 2 beta heavy ball, (2 + 2 beta1)/(1 - beta1) Adam)"),
     "eos_threshold": VarSpec(("step",), "edge-of-stability curvature c / eta", "1", "PreconditionedSharpness",
                              "the (preconditioned) lambda_max at which the optimizer is at the edge of stability"),
+    # Sharpness (kind: which measure, radius: its rho; REFERENCE.md §3)
+    "sharpness": VarSpec(("step", "kind", "radius"), "sharpness L(w + delta) - L(w)", "1", "Sharpness",
+                         "loss increase under a perturbation of size radius: average_* = E over Gaussian delta "
+                         "(std radius * c), worst_* = max over the l2/linf ball |delta / c| <= radius (Auto-PGD), "
+                         "sam / asam = one ascent step, keskar = 100 (max_box - L) / (1 + L); *_adaptive: c = |w| "
+                         "(scale-aware), else c = 1; mean over the probe batches"),
+    "sharpness_stderr": VarSpec(("step", "kind", "radius"), "standard error of the sharpness", "1", "Sharpness",
+                                "Monte-Carlo standard error (average kinds) or spread over probe batches (others)"),
+    "sharpness_base_loss": VarSpec(("step",), "loss at w (sharpness batches)", "1", "Sharpness",
+                                   "mean loss L(w) over the probe batches the sharpness is measured on"),
+    "pac_bayes_sigma": VarSpec(("perturbation",), "PAC-Bayes sigma", "1", "Sharpness",
+                               "largest sigma with |E_u acc(w + u) - acc(w)| <= deviation at the final iterate (bisection); "
+                               "isotropic u ~ N(0, sigma^2), magnitude u_i ~ N(0, sigma^2 w_i^2 + eps^2)"),
+    "pac_bayes_flatness": VarSpec(("perturbation",), "PAC-Bayes flatness 1/sigma^2", "1", "Sharpness",
+                                  "1 / pac_bayes_sigma^2 (Jiang et al. 2020): larger = sharper"),
+    # Valley probes (REFERENCE.md §4)
+    "floor_curvature": VarSpec(("step",), "curvature along the step u^T H u", "1", "StepCurvature",
+                               "u = (w_{t+1} - w_t) / |w_{t+1} - w_t|, H on the probe batches"),
+    "floor_curvature_secant": VarSpec(("step",), "secant curvature along the step", "1", "StepCurvature",
+                                      "<g_B(w_{t+1}) - g_B(w_t), dw> / |dw|^2, the same probe batches B at both points"),
+    "valley_anisotropy": VarSpec(("step",), "anisotropy lambda_max / floor curvature", "1", "StepCurvature",
+                                 "how much sharper the valley's walls are than its floor along the step"),
+    "hill_height": VarSpec(("step",), "hill height L(w) - L(w_ema)", "1", "RiverHill",
+                           "river/hill split (Wen et al. 2024): loss above the EMA iterate, on the probe batches"),
+    "floor_progress": VarSpec(("step",), "floor progress |w_ema(t) - w_ema(t - lag)|", "1", "RiverHill",
+                              "distance the EMA iterate moved along the river over the last lag steps"),
+    "ema_distance": VarSpec(("step",), "|w - w_ema|", "1", "RiverHill", "distance of the iterate from its EMA"),
+    "ema_loss": VarSpec(("step",), "loss at the EMA iterate", "1", "RiverHill", "L(w_ema) on the probe batches"),
+    "valley_width": VarSpec(("step", "direction"), "valley width W_tau(d)", "1", "ValleyWidth",
+                            "t+ + t-, t+- = sup{t >= 0: L(w +- t d) - L(w) <= tau}; in units of |d| (see attrs normalization)"),
+    "valley_width_plus": VarSpec(("step", "direction"), "valley exit t+", "1", "ValleyWidth", "exit distance along +d"),
+    "valley_width_minus": VarSpec(("step", "direction"), "valley exit t-", "1", "ValleyWidth", "exit distance along -d"),
+    "valley_width_anisotropy": VarSpec(("step",), "anisotropy index W(river) / W(wall)", "1", "ValleyWidth",
+                                       "valley width along the trajectory direction over that along the top eigenvector"),
+    "gradient_overlap": VarSpec(("step",), "gradient overlap with the top-k eigenspace", "1", "GradientOverlap",
+                                "|V^T g|^2 / |g|^2 for the training gradient g (Gur-Ari et al. 2018)"),
+    "gradient_overlap_probe": VarSpec(("step",), "probe-gradient overlap with the top-k eigenspace", "1", "GradientOverlap",
+                                      "|V^T g|^2 / |g|^2 for the gradient on the probe batches the Hessian is taken on"),
+    "interpolation_loss": VarSpec(("step", "alpha"), "loss on the segment from the previous checkpoint", "1", "Interpolation",
+                                  "L((1 - a) w_prev + a w_t) on the probe batches; w_prev = the previous measurement"),
+    "interpolation_barrier": VarSpec(("step",), "interpolation barrier", "1", "Interpolation",
+                                     "max_a L(a) - ((1 - a) L(0) + a L(1)) between the previous checkpoint and w_t"),
+    "interpolation_violations": VarSpec(("step",), "monotonicity violations", "1", "Interpolation",
+                                        "consecutive rises of L(a) along the segment (0: monotone)"),
+    "interpolation_max_rise": VarSpec(("step",), "largest rise along the segment", "1", "Interpolation",
+                                      "max_j L(a_j) - min_{i<j} L(a_i)"),
+    "mli_loss": VarSpec(("alpha",), "loss from the first checkpoint to the final iterate", "1", "Interpolation",
+                        "monotonic linear interpolation (Lucas et al. 2021): L((1 - a) w_first + a w_T)"),
+    "mli_barrier": VarSpec((), "barrier first checkpoint -> final", "1", "Interpolation", ""),
+    "mli_violations": VarSpec((), "monotonicity violations first checkpoint -> final", "1", "Interpolation", ""),
+    "mli_max_rise": VarSpec((), "largest rise first checkpoint -> final", "1", "Interpolation", ""),
+    # Slices and trajectory PCA (REFERENCE.md §4)
+    "profile_loss": VarSpec(("step", "direction", "alpha"), "loss profile L(w + alpha d)", "1", "LossProfile",
+                            "1-D slice through w_t along each direction (see attrs normalization)"),
+    "pca_explained_variance": VarSpec(("component",), "explained variance ratio", "1", "TrajectoryPCA",
+                                      "share of the variance of w_t - w_T along each principal direction of the recorded path"),
+    "path_coordinates": VarSpec(("step", "component"), "path in the PCA plane", "1", "TrajectoryPCA",
+                                "<w_t - w_T, pc_i> with unit principal directions"),
+    "path_residual": VarSpec(("step",), "off-plane residual", "1", "TrajectoryPCA",
+                             "|w_t - w_T - projection on the PCA plane|: how far the path is from the plotted plane"),
+    "path_loss": VarSpec(("step",), "loss on the actual path", "1", "TrajectoryPCA",
+                         "L(w_t) on the probe batches, measured during training (not read off the plane)"),
+    "plane_loss": VarSpec(("step",), "loss at the path's projection on the plane", "1", "TrajectoryPCA",
+                          "L(w_T + x pc_1 + y pc_2) at the projected point: what the contour plot shows for step t"),
+    "surface_loss": VarSpec(("x", "y"), "loss on the PCA plane", "1", "TrajectoryPCA",
+                            "L(w_T + x pc_1 + y pc_2) on a grid covering the projected path"),
+    # GradientNoise (REFERENCE.md §5)
+    "noise_scale": VarSpec(("step", "block"), "gradient noise scale B_simple", "1", "GradientNoise",
+                           "tr(Sigma) / |G|^2 (McCandlish et al. 2018), Sigma the per-example gradient covariance"),
+    "grad_variance": VarSpec(("step", "block"), "tr(Sigma) per example", "1", "GradientNoise",
+                             "trace of the per-example gradient covariance (unbiased)"),
+    "grad_sqnorm": VarSpec(("step", "block"), "|G|^2 (unbiased)", "1", "GradientNoise",
+                           "squared norm of the mean gradient, bias-corrected by tr(Sigma)/n"),
+    "grad_snr": VarSpec(("step", "block"), "gradient signal-to-noise ratio (mean)", "1", "GradientNoise",
+                        "mean over the block's parameters of E[g_j]^2 / Var[g_j] over examples"),
+    "grad_snr_median": VarSpec(("step", "block"), "gradient signal-to-noise ratio (median)", "1", "GradientNoise",
+                               "median over the block's parameters of E[g_j]^2 / Var[g_j]"),
 }
 for _suffix, (_dims, _label, _what) in _SECANT_VARIANTS.items():
     for _name, (_long, _formula) in _SECANT_DOC.items():

@@ -109,6 +109,12 @@ class Probe:
         where a probe has no value."""
         return {}
 
+    def trajectory_vectors(self) -> dict[str, str]:
+        """The trajectory vectors this probe streams to the store, as ``{name: vector dim}``
+        (``"param"`` for full vectors, ``"sketch"`` for sketches). Probes may share a name
+        (e.g. ``params``, the same w_t whoever writes it) only with the same vector dim."""
+        return {}
+
     def due(self, step: int) -> bool:
         return self.schedule.due(step)
 

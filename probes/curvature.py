@@ -542,3 +542,24 @@ class PreconditionedSharpness(CurvatureProbe):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "k": self.k, "tol": self.tol, "max_matvecs": self.max_matvecs,
                 "warm_start": self.warm_start, "threshold": self.threshold, "custom_preconditioner": self.preconditioner is not None}
+
+
+def top_eigenpairs(ctx: Context, k: int, *, samples: int = 1, bn_mode: str = "eval", route: HVPRoute = "auto",
+                   tol: float = 1e-3, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The top-k eigenvalues (descending) and unit eigenvectors (d, k) of the whole-model
+    Hessian at this step, on the first ``samples`` probe batches in ``bn_mode``.
+
+    Reuses HessianSpectrum's Ritz pairs when it ran earlier at this step on the same Hessian
+    with at least k pairs; otherwise runs Lanczos to relative accuracy ``tol`` and leaves the
+    pairs in ``ctx.shared`` for the probes after it. Call it inside the probe's guard.
+    """
+    shared = ctx.shared.setdefault("hessian_eigenvectors", {})
+    entry = shared.get("model")
+    if (entry is not None and entry["samples"] == samples and entry["bn_mode"] == bn_mode
+            and entry["eigenvectors"].shape[1] >= k):
+        return entry["eigenvalues"][:k], entry["eigenvectors"][:, :k]
+    op = ctx.hessian(samples, bn_mode, route)  # type: ignore[arg-type]
+    res = linalg.lanczos(op, k, which="top", tol=tol, generator=generator)
+    shared["model"] = {"eigenvalues": res.eigenvalues[:k], "eigenvectors": res.eigenvectors[:, :k],
+                       "samples": samples, "bn_mode": bn_mode}
+    return res.eigenvalues[:k], res.eigenvectors[:, :k]

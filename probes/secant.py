@@ -202,6 +202,13 @@ class RestrictedSecant(Probe):
         if self.sketch_k is not None:
             self._sketch = GaussianSketch(self.sketch_k, functional.dim, seed=self.seed, device=functional.device)
 
+    def trajectory_vectors(self) -> dict[str, str]:
+        if self.reference is not None:
+            return {}
+        vec = "sketch" if self.sketch_k is not None else "param"
+        names = ["params", "grad", "update"] + (["sample_grad"] if self.samples else [])
+        return {**{n: vec for n in names}, **({"grad_wd": vec} if self.sketch_k is not None else {})}
+
     def config(self) -> dict[str, Any]:
         return {**super().config(), "samples": self.samples,
                 "reference": "final iterate" if self.reference is None else (str(self.reference) if isinstance(self.reference, (str, os.PathLike)) else "given"),
