@@ -27,7 +27,8 @@ BiasMode = Literal["zero", "filter"]
 NORMALIZATIONS = ("filter", "layer", "unit", "none")
 
 
-def _check(normalization: str, bias: str) -> None:
+def check_normalization(normalization: str, bias: str) -> None:
+    """Raise a clear error for an unknown normalisation or bias mode."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS} ('filter': Li et al. 2018, scale-aware; "
                          f"'unit': |d| = 1), got {normalization!r}")
@@ -43,7 +44,7 @@ def filter_normalized(d: Tensor, w: Tensor, layout: ParamLayout, *, bias: BiasMo
 
     A part of ``d`` that is zero stays zero (no division by zero); so does a part where w is zero.
     """
-    _check(per, bias)
+    check_normalization(per, bias)
     if d.shape != w.shape or d.ndim != 1 or d.numel() != layout.numel:
         raise ValueError(f"d and w must be flat vectors of the model's {layout.numel} parameters, "
                          f"got shapes {tuple(d.shape)} and {tuple(w.shape)}")
@@ -72,7 +73,7 @@ def normalized(d: Tensor, w: Tensor, layout: ParamLayout, normalization: Normali
                bias: BiasMode = "zero") -> Tensor:
     """``d`` in the chosen normalisation: "filter" / "layer" (scaled like w, see
     :func:`filter_normalized`), "unit" (|d| = 1), "none" (as given)."""
-    _check(normalization, bias)
+    check_normalization(normalization, bias)
     if normalization in ("filter", "layer"):
         return filter_normalized(d, w, layout, bias=bias, per=normalization)  # type: ignore[arg-type]
     if normalization == "unit":
@@ -104,3 +105,34 @@ def unit(v: Tensor) -> Tensor:
     if not n > 0:
         raise ValueError("cannot take the direction of a zero vector")
     return v / n
+
+
+class TrajectoryDirection:
+    """The trajectory direction: an EMA of the per-step displacement, fed at measurements.
+
+    Between two measurements Delta steps apart, the average per-step displacement
+    (w_t - w_prev) / Delta enters with weight 1 - beta^Delta (``beta`` is per optimizer step,
+    so the smoothing does not depend on the cadence); the first measurement starts from the
+    step's own update. The result is raw (not normalised): normalise with :func:`normalized`.
+    """
+
+    def __init__(self, beta: float = 0.9) -> None:
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta (EMA factor per optimizer step) must be in [0, 1), got {beta!r}")
+        self.beta = float(beta)
+        self._ema: Tensor | None = None
+        self._prev: tuple[int, Tensor] | None = None
+
+    def observe(self, step: int, w: Tensor, update: Tensor | None) -> Tensor | None:
+        """Feed w_t (and the step's update w_{t+1} - w_t); return the smoothed direction, or None
+        when there is no displacement yet (first call without an update)."""
+        if self._prev is None or step <= self._prev[0]:
+            if update is not None:
+                self._ema = update.detach().clone()
+        else:
+            gap = step - self._prev[0]
+            weight = 1.0 - self.beta ** gap
+            disp = (w - self._prev[1]) / gap
+            self._ema = disp if self._ema is None else self._ema * (1.0 - weight) + disp * weight
+        self._prev = (step, w.detach().clone())
+        return self._ema

@@ -281,6 +281,55 @@ class FunctionalModel:
         """Flat gradient of the loss at ``w``."""
         return self.loss_and_grad(w, batches)[1]
 
+    def per_sample_grads(self, w: Tensor, batch: Batch, *, chunk: int | None = None) -> Iterator[Tensor]:
+        """Flat per-example gradients at ``w``, as ``(n_chunk, d)`` blocks over the examples of
+        ``batch`` in order.
+
+        Row i is the gradient of the loss on example i alone (the model called on that example as
+        a batch of one; ``loss_fn`` is a mean, so that is the example's loss), by ``torch.func.vmap``
+        over ``torch.func.grad``: one vectorised backward per block instead of a Python loop.
+        ``chunk`` examples per block; by default as many as keep a block near 64 MiB. A model that
+        mixes examples (BatchNorm in train mode) has no per-example gradients and raises; so does
+        one whose operations vmap cannot batch, or that draws random numbers (dropout in train
+        mode): run it under :func:`probe_guard`, or take gradients of whole batches instead.
+        """
+        batch = check_batch(batch, "per_sample_grads")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk must be a positive int (examples per block) or None, got {chunk!r}")
+        coupled = [type(m).__name__ for m in self.model.modules() if isinstance(m, _NORM_TYPES) and m.training]
+        if coupled:
+            raise RuntimeError(
+                f"per-example gradients are undefined for this model: {coupled[0]} is in train mode, so each "
+                "example's output depends on the others through the batch statistics. Put batch norm in eval "
+                "mode (probe bn_mode='eval') or use gradients of whole batches (GradientNoise method='per_batch')"
+            )
+        n = batch_size(batch)
+        if chunk is None:
+            chunk = max(1, (64 << 20) // max(1, self.dim * w.element_size()))
+        w = w.detach()
+        # which items carry the batch dimension (vmapped); the rest (scalars, non-tensors) are shared
+        batched = [isinstance(t, Tensor) and t.dim() > 0 for t in batch]
+
+        def one(x: Tensor, *example: Any) -> Tensor:
+            single = tuple(e.unsqueeze(0) if b else e for e, b in zip(example, batched))
+            return self._forward_loss(x, single)
+
+        per_example = torch.func.vmap(torch.func.grad(one), in_dims=(None, *(0 if b else None for b in batched)),
+                                      randomness="error")
+        for start in range(0, n, chunk):
+            part = tuple(t[start:start + chunk] if b else t for t, b in zip(batch, batched))
+            try:
+                with torch.enable_grad(), second_order_kernels():
+                    out = per_example(w, *part)
+            except (RuntimeError, NotImplementedError) as err:
+                raise RuntimeError(
+                    f"per-example gradients through torch.func.vmap failed for {type(self.model).__name__}: {err}. "
+                    "A layer that mixes examples, an operation vmap cannot batch (data-dependent control flow, "
+                    ".item(), in-place updates of buffers) or random numbers (dropout in train mode) prevent "
+                    "it; use gradients of whole batches instead (GradientNoise method='per_batch')"
+                ) from err
+            yield out.detach()
+
     def hessian_operator(
         self, w: Tensor, batches: Batch | Sequence[Batch], route: HVPRoute = "auto"
     ) -> "HessianOperator":
@@ -356,6 +405,13 @@ class HessianOperator:
                 value = fm.loss(leaf, self.batches)
                 (g,) = torch.autograd.grad(value, leaf, create_graph=True)
             self._leaf, self._g, self.loss = leaf, g, value.detach()
+
+    def gradient(self) -> Tensor:
+        """The gradient of the same loss at the same point (free on the double-backward route,
+        which computed it to build the graph; one gradient otherwise)."""
+        if self._g is not None:
+            return self._g.detach()
+        return self.fm.grad(self.w, self.batches)
 
     def matvec(self, v: Tensor) -> Tensor:
         """H v for one flat vector ``v``."""

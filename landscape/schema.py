@@ -184,6 +184,12 @@ VARIABLES: dict[str, VarSpec] = {
     "mli_barrier": VarSpec((), "barrier first checkpoint -> final", "1", "Interpolation", ""),
     "mli_violations": VarSpec((), "monotonicity violations first checkpoint -> final", "1", "Interpolation", ""),
     "mli_max_rise": VarSpec((), "largest rise first checkpoint -> final", "1", "Interpolation", ""),
+    "endpoint_loss": VarSpec(("alpha",), "loss between two end points", "1", "interpolate",
+                             "L((1 - a) w_a + a w_b) for two given points (e.g. the final iterates of two runs)"),
+    "endpoint_barrier": VarSpec((), "barrier between two end points", "1", "interpolate",
+                                "max_a L(a) - ((1 - a) L(0) + a L(1)); about 0: linearly mode-connected"),
+    "endpoint_violations": VarSpec((), "monotonicity violations between two end points", "1", "interpolate", ""),
+    "endpoint_max_rise": VarSpec((), "largest rise between two end points", "1", "interpolate", ""),
     # Slices and trajectory PCA (REFERENCE.md §4)
     "profile_loss": VarSpec(("step", "direction", "alpha"), "loss profile L(w + alpha d)", "1", "LossProfile",
                             "1-D slice through w_t along each direction (see attrs normalization)"),

@@ -608,7 +608,8 @@ class RunWriter:
                 full = np.full((len(steps), *data.shape[1:]), _fill(dtype), dtype=dtype)
                 full[rows] = data
                 data = full
-            data = np.ascontiguousarray(data, dtype=dtype) if dtype.kind not in "OU" else data
+            # np.asarray(order="C"), not ascontiguousarray, which turns a 0-d result into shape (1,)
+            data = np.asarray(data, dtype=dtype, order="C") if dtype.kind not in "OU" else data
             target = self.path / str(name)
             if target.exists():
                 shutil.rmtree(target)

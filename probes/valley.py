@@ -1,0 +1,464 @@
+"""Valleys along the trajectory: the floor versus the walls, measured (REFERENCE.md §4).
+
+A valley is a region of low, nearly equal loss: flat along its floor (where training drifts),
+steep across its walls (where the top Hessian eigenvectors point). The probes here measure that
+picture instead of reading it off a contour plot:
+
+- :class:`StepCurvature`: curvature along the step the optimizer took (u^T H u and the secant
+  form from gradients on the same batches at w_t and w_{t+1}) and the anisotropy lambda_max / it.
+- :class:`RiverHill`: the river/hill split of Wen et al. 2024: an EMA of the iterate follows the
+  river; the hill height L(w) - L(w_ema) is the loss spent oscillating across the walls; floor
+  progress is how far the EMA moved.
+- :class:`ValleyWidth`: t+- = sup{t >= 0: L(w +- t d) - L(w) <= tau} by doubling then bisection,
+  along the trajectory direction (river), the top eigenvector (wall) and random directions, and
+  the anisotropy index W(river) / W(wall).
+- :class:`GradientOverlap`: the share of the gradient in the top-k Hessian eigenspace
+  (Gur-Ari et al. 2018).
+- :class:`Interpolation`: the loss on the segment between consecutive checkpoints (barrier,
+  monotonicity) and, at the end, from the first checkpoint to the final iterate (monotonic linear
+  interpolation, Lucas et al. 2021); :func:`interpolate` between any two points, e.g. the final
+  iterates of two runs.
+
+All losses are the mean over the first ``samples`` fixed probe batches, BN in ``bn_mode`` (eval
+by default), dropout off. Hessian quantities reuse HessianSpectrum's eigenvectors when it ran at
+the same step on the same batches (``probes.curvature.top_eigenpairs``).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor, nn
+
+from landscape.directions import BiasMode, Normalization, TrajectoryDirection, check_normalization, normalized, random_direction
+from landscape.functional import Batch, FunctionalModel, HVPRoute, batch_size as _examples, draw_batches, move_batch, probe_guard
+from landscape.geometry import exit_distance, interpolation_stats
+from landscape.schema import attrs_for, step_value
+from probes.base import Context, Measurement, Probe
+from probes.curvature import _positive_int, top_eigenpairs
+
+
+def _number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf, closed: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(float(value))
+    if not ok or not ((low <= value if closed else low < value) and value < high):
+        bound = f"[{low}, {high})" if closed else f"({low}, {high})"
+        raise ValueError(f"{name} must be a number in {bound}, got {value!r}")
+    return float(value)
+
+
+def _alphas(alphas: Any, *, need: Sequence[float] = ()) -> np.ndarray:
+    try:
+        a = np.asarray(alphas, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise TypeError(f"alphas must be a sequence of numbers, got {alphas!r}") from None
+    # rounded so that probes sharing the `alpha` dim agree on labels such as 0.1 from linspace
+    a = np.unique(np.round(a, 12))
+    if a.size < 2 or not np.all(np.isfinite(a)):
+        raise ValueError(f"alphas must hold at least 2 finite positions, got {alphas!r}")
+    missing = [x for x in need if x not in a]
+    if missing:
+        raise ValueError(f"alphas must include {missing} (the end points the barrier is measured against)")
+    return a
+
+
+class _ValleyProbe(Probe):
+    """Shared set-up: the probe batches the losses are taken on."""
+
+    def __init__(self, every: Any = 1, *, samples: int = 1, bn_mode: str = "eval", seed: int = 0) -> None:
+        super().__init__(every, bn_mode=bn_mode, seed=seed)  # type: ignore[arg-type]
+        self.samples = _positive_int("samples (number of fixed probe batches)", samples)
+
+    @property
+    def samples_needed(self) -> int:
+        return self.samples
+
+    def _batches(self, ctx: Context) -> list[Batch]:
+        return ctx.probe_batches[: self.samples]
+
+    def _settings(self) -> dict[str, Any]:
+        return {"samples": self.samples, "bn_mode": self.bn_mode}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "samples": self.samples}
+
+
+def _loss_fn(fm: FunctionalModel, batches: list[Batch]) -> Callable[[Tensor], float]:
+    def f(w: Tensor) -> float:
+        with torch.no_grad():
+            return float(fm.loss(w, batches))
+    return f
+
+
+# -- curvature along the step ------------------------------------------------------------------
+class StepCurvature(_ValleyProbe):
+    """Curvature of the loss along the step the optimizer took.
+
+    ``floor_curvature`` = u^T H u, u = dw / |dw| (one Hessian-vector product);
+    ``floor_curvature_secant`` = <g_B(w_t + dw) - g_B(w_t), dw> / |dw|^2 with the same probe
+    batches B at both points (one extra gradient: g_B(w_t) comes with the Hessian's graph): the
+    average curvature over the step, which the optimizer "feels" (ALTO's g_k - g_{k-1} ~ H dw);
+    ``valley_anisotropy`` = lambda_max / floor_curvature (``anisotropy=False`` skips the Lanczos
+    run it needs when no HessianSpectrum shares its eigenvalues). A zero or non-finite step gives
+    NaN. Costs (digits MLP): 1 HVP + 1 gradient, plus ~15-25 HVPs for lambda_max when not shared.
+    """
+
+    name = "StepCurvature"
+
+    def __init__(self, every: Any = 1, *, anisotropy: bool = True, tol: float = 1e-3, samples: int = 1,
+                 bn_mode: str = "eval", route: HVPRoute = "auto", seed: int = 0) -> None:
+        super().__init__(every, samples=samples, bn_mode=bn_mode, seed=seed)
+        self.anisotropy = bool(anisotropy)
+        self.tol = _number("tol", tol, high=1.0)
+        if route not in ("auto", "double_backward", "fwd_rev"):
+            raise ValueError(f"route must be 'auto', 'double_backward' or 'fwd_rev', got {route!r}")
+        self.route: HVPRoute = route
+
+    def measure(self, ctx: Context) -> Measurement:
+        assert ctx.params is not None and ctx.update is not None
+        s = self._settings()
+        dw = ctx.update
+        norm = float(torch.linalg.vector_norm(dw, dtype=torch.float64))
+        nan = np.float64(np.nan)
+        kappa = kappa_secant = lam = nan
+        if norm > 0 and math.isfinite(norm):
+            op = ctx.hessian(self.samples, self.bn_mode, self.route)
+            u = dw / norm
+            kappa = np.float64(torch.dot(u.double(), op.matvec(u).double()))
+            g0 = op.gradient()
+            g1 = ctx.functional.grad(ctx.params + dw, self._batches(ctx))
+            kappa_secant = np.float64(torch.dot((g1 - g0).double(), dw.double()) / norm**2)
+            if self.anisotropy:
+                values, _ = top_eigenpairs(ctx, 1, samples=self.samples, bn_mode=self.bn_mode, route=self.route,
+                                           tol=self.tol, generator=self.generator(ctx.step))
+                lam = np.float64(values[0])
+        out = {
+            "floor_curvature": step_value("floor_curvature", kappa, **s),
+            "floor_curvature_secant": step_value("floor_curvature_secant", kappa_secant, **s),
+        }
+        if self.anisotropy:
+            ratio = lam / kappa if kappa != 0 else np.float64(np.inf * np.sign(lam))
+            out["valley_anisotropy"] = step_value("valley_anisotropy", np.float64(ratio), **s, tol=self.tol)
+        return Measurement(out)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "anisotropy": self.anisotropy, "tol": self.tol, "route": self.route}
+
+
+# -- river / hill ------------------------------------------------------------------------------
+class RiverHill(_ValleyProbe):
+    """The river/hill decomposition (Wen et al. 2024): w_ema follows the valley floor.
+
+    The EMA is taken per optimizer step with factor ``beta`` and updated at each measurement as
+    w_ema <- beta^D w_ema + (1 - beta^D) w_t (D = steps since the previous measurement): exact
+    for the iterate held constant between measurements, so ``every=1`` gives the per-step EMA and
+    a sparser cadence a coarser one with the same time constant 1 / (1 - beta) steps.
+    ``hill_height`` = L(w_t) - L(w_ema) (> 0: the iterate sits up the wall), ``ema_loss``,
+    ``ema_distance`` = |w_t - w_ema|, ``floor_progress`` = |w_ema(t) - w_ema(t - lag)| (``lag``
+    steps, default the previous measurement; NaN until the EMA is that old). Costs 2 forward
+    passes over the probe batches and O(d * lag / every) memory.
+    """
+
+    name = "RiverHill"
+
+    def __init__(self, every: Any = 1, *, beta: float = 0.99, lag: int | None = None, samples: int = 1,
+                 bn_mode: str = "eval", seed: int = 0) -> None:
+        super().__init__(every, samples=samples, bn_mode=bn_mode, seed=seed)
+        self.beta = _number("beta (EMA factor per optimizer step)", beta, high=1.0, closed=True)
+        self.lag = None if lag is None else _positive_int("lag (steps)", lag)
+        self._ema: Tensor | None = None
+        self._last = -1
+        self._history: deque[tuple[int, Tensor]] = deque()
+
+    def measure(self, ctx: Context) -> Measurement:
+        assert ctx.params is not None
+        w = ctx.params
+        if self._ema is None or ctx.step <= self._last:
+            self._ema = w.detach().clone()
+        else:
+            keep = self.beta ** (ctx.step - self._last)
+            self._ema = self._ema * keep + w * (1.0 - keep)
+        self._last = ctx.step
+        f = _loss_fn(ctx.functional, self._batches(ctx))
+        loss_w, loss_ema = f(w), f(self._ema)
+        progress = np.nan
+        if self.lag is None:
+            if self._history:
+                progress = float(torch.linalg.vector_norm((self._ema - self._history[-1][1]).double()))
+            self._history.clear()
+        else:
+            target = ctx.step - self.lag
+            while len(self._history) > 1 and self._history[1][0] <= target:
+                self._history.popleft()
+            if self._history and self._history[0][0] <= target:
+                progress = float(torch.linalg.vector_norm((self._ema - self._history[0][1]).double()))
+        self._history.append((ctx.step, self._ema.clone()))
+        s = {**self._settings(), "beta": self.beta, "lag": self.lag if self.lag is not None else "previous measurement"}
+        return Measurement({
+            "hill_height": step_value("hill_height", np.float64(loss_w - loss_ema), **s),
+            "ema_loss": step_value("ema_loss", np.float64(loss_ema), **s),
+            "ema_distance": step_value("ema_distance", np.float64(torch.linalg.vector_norm((w - self._ema).double())), **s),
+            "floor_progress": step_value("floor_progress", np.float64(progress), **s),
+        })
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "beta": self.beta, "lag": self.lag}
+
+
+# -- valley width ------------------------------------------------------------------------------
+DIRECTION_KINDS = ("trajectory", "eigenvector", "random")
+
+
+def _direction_labels(directions: Sequence[str], random: int) -> list[str]:
+    if isinstance(directions, str):
+        directions = (directions,)
+    bad = [d for d in directions if d not in DIRECTION_KINDS]
+    if bad or not directions or len(set(directions)) != len(directions):
+        raise ValueError(f"directions must be distinct names from {DIRECTION_KINDS}, got {tuple(directions)!r}")
+    labels = []
+    for d in directions:
+        labels.extend([f"random_{i}" for i in range(random)] if d == "random" else [d])
+    return labels
+
+
+def _sign_fixed(v: Tensor) -> Tensor:
+    """An eigenvector with a reproducible sign: its largest-magnitude entry positive."""
+    i = int(torch.argmax(v.abs()))
+    return v if v[i] >= 0 else -v
+
+
+class ValleyWidth(_ValleyProbe):
+    """Directional valley width W_tau(d) = t+ + t-, t+- = sup{t >= 0: L(w +- t d) - L(w) <= tau}.
+
+    Each side is bracketed by doubling (or halving) from ``t0`` and then bisected until the
+    bracket is within ``rtol`` (:func:`landscape.geometry.exit_distance`; the first exit from the
+    sublevel set). Directions: ``trajectory`` (the EMA-smoothed displacement, see
+    :class:`landscape.directions.TrajectoryDirection`: the river), ``eigenvector`` (the top
+    Hessian eigenvector: the wall), ``random`` (``random`` Gaussian directions, drawn per
+    measurement). ``normalization="unit"`` (default) gives widths as distances in parameter
+    space; ``"filter"`` as fractions of the filters' norms (scale-aware: unchanged under ReLU
+    rescaling). ``valley_width_anisotropy`` = W(trajectory) / W(eigenvector). A direction not
+    available yet (no displacement) gives NaN; a side that never exits within ``t0 * 2^40`` inf.
+    Costs about 2 (log2 of the bracket + log2(1/rtol)) forward passes per direction.
+    """
+
+    name = "ValleyWidth"
+
+    def __init__(self, every: Any = 1, *, tau: float = 0.1, directions: Sequence[str] = DIRECTION_KINDS, random: int = 1,
+                 normalization: Normalization = "unit", bias: BiasMode = "zero", beta: float = 0.9, rtol: float = 1e-2,
+                 t0: float | None = None, tol: float = 1e-3, samples: int = 1, bn_mode: str = "eval", seed: int = 0) -> None:
+        super().__init__(every, samples=samples, bn_mode=bn_mode, seed=seed)
+        self.tau = _number("tau (loss increase that bounds the valley)", tau)
+        self.random = _positive_int("random (number of random directions)", random, 0)
+        self.labels = _direction_labels(directions, self.random)
+        check_normalization(normalization, bias)
+        if normalization == "none":
+            raise ValueError("normalization='none' makes widths depend on an arbitrary direction scale: use 'unit' or 'filter'")
+        self.normalization, self.bias = normalization, bias
+        self.rtol = _number("rtol", rtol, high=1.0)
+        self.t0 = None if t0 is None else _number("t0", t0)
+        self.tol = _number("tol", tol, high=1.0)
+        self._trajectory = TrajectoryDirection(beta)
+
+    def coords(self) -> dict[str, list[Any]]:
+        return {"direction": list(self.labels)}
+
+    def _directions(self, ctx: Context) -> dict[str, Tensor | None]:
+        assert ctx.params is not None
+        w, layout = ctx.params, ctx.functional.layout
+        gen = self.generator(ctx.step)
+        out: dict[str, Tensor | None] = {}
+        traj = self._trajectory.observe(ctx.step, w, ctx.update)
+        for label in self.labels:
+            if label == "trajectory":
+                ok = traj is not None and float(torch.linalg.vector_norm(traj)) > 0
+                out[label] = normalized(traj, w, layout, self.normalization, self.bias) if ok else None  # type: ignore[arg-type]
+            elif label == "eigenvector":
+                # its own stream: the random directions do not depend on whether this one is asked for
+                _, V = top_eigenpairs(ctx, 1, samples=self.samples, bn_mode=self.bn_mode, tol=self.tol,
+                                      generator=self.generator(ctx.step))
+                out[label] = normalized(_sign_fixed(V[:, 0].to(w)), w, layout, self.normalization, self.bias)
+            else:
+                out[label] = random_direction(w, layout, gen, normalization=self.normalization, bias=self.bias)
+        return out
+
+    def measure(self, ctx: Context) -> Measurement:
+        assert ctx.params is not None
+        w = ctx.params
+        f = _loss_fn(ctx.functional, self._batches(ctx))
+        base = f(w)
+        t0 = self.t0 if self.t0 is not None else (1.0 if self.normalization != "unit" else
+                                                   max(1e-3, 0.01 * float(torch.linalg.vector_norm(w))))
+        plus, minus = np.full(len(self.labels), np.nan), np.full(len(self.labels), np.nan)
+        for i, (label, d) in enumerate(self._directions(ctx).items()):
+            if d is None or not float(torch.linalg.vector_norm(d)) > 0:
+                continue  # e.g. a filter-normalised direction living only in zeroed biases
+            for sign, out in ((1.0, plus), (-1.0, minus)):
+                res = exit_distance(lambda t: f(w + (sign * t) * d) - base, self.tau, t0=t0, rtol=self.rtol)
+                out[i] = res.t
+        width = plus + minus
+        s = {**self._settings(), "tau": self.tau, "normalization": self.normalization, "bias": self.bias,
+             "rtol": self.rtol, "beta": self._trajectory.beta, "seed": self.seed}
+        out = {
+            "valley_width": step_value("valley_width", width, **s),
+            "valley_width_plus": step_value("valley_width_plus", plus, **s),
+            "valley_width_minus": step_value("valley_width_minus", minus, **s),
+        }
+        if "trajectory" in self.labels and "eigenvector" in self.labels:
+            ratio = width[self.labels.index("trajectory")] / width[self.labels.index("eigenvector")]
+            out["valley_width_anisotropy"] = step_value("valley_width_anisotropy", np.float64(ratio), **s)
+        return Measurement(out)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "tau": self.tau, "directions": self.labels, "normalization": self.normalization,
+                "bias": self.bias, "beta": self._trajectory.beta, "rtol": self.rtol, "t0": self.t0, "tol": self.tol}
+
+
+# -- gradient overlap --------------------------------------------------------------------------
+class GradientOverlap(_ValleyProbe):
+    """|V^T g|^2 / |g|^2: the share of the gradient in the top-k Hessian eigenspace (Gur-Ari et
+    al. 2018 found it close to 1 after a short transient: gradient descent happens in a tiny
+    subspace). ``gradient_overlap`` uses the training gradient the optimizer received,
+    ``gradient_overlap_probe`` the gradient of the loss the Hessian is taken on. V: top-k Ritz
+    vectors (shared with HessianSpectrum when it ran at this step on the same batches)."""
+
+    name = "GradientOverlap"
+
+    def __init__(self, every: Any = 1, *, k: int = 10, tol: float = 1e-3, samples: int = 1, bn_mode: str = "eval",
+                 route: HVPRoute = "auto", seed: int = 0) -> None:
+        super().__init__(every, samples=samples, bn_mode=bn_mode, seed=seed)
+        self.k = _positive_int("k (dimension of the top eigenspace)", k)
+        self.tol = _number("tol", tol, high=1.0)
+        self.route: HVPRoute = route
+
+    def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
+        if self.k > functional.dim:
+            raise ValueError(f"GradientOverlap: k={self.k} exceeds the number of parameters {functional.dim}")
+
+    def measure(self, ctx: Context) -> Measurement:
+        assert ctx.grad is not None
+        _, V = top_eigenpairs(ctx, self.k, samples=self.samples, bn_mode=self.bn_mode, route=self.route, tol=self.tol,
+                              generator=self.generator(ctx.step))
+        V = V.double()
+        # orthonormal up to Lanczos' rounding; a QR makes the projection exact
+        Q, _ = torch.linalg.qr(V)
+
+        def overlap(g: Tensor) -> np.float64:
+            g = g.double()
+            gg = float(g @ g)
+            if not gg > 0 or not math.isfinite(gg):
+                return np.float64(np.nan)
+            c = Q.T @ g
+            return np.float64(float(c @ c) / gg)
+
+        g_probe = ctx.hessian(self.samples, self.bn_mode, self.route).gradient()
+        s = {**self._settings(), "k": self.k, "tol": self.tol}
+        return Measurement({
+            "gradient_overlap": step_value("gradient_overlap", overlap(ctx.grad.to(Q.device)), **s),
+            "gradient_overlap_probe": step_value("gradient_overlap_probe", overlap(g_probe.to(Q.device)), **s),
+        })
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "k": self.k, "tol": self.tol}
+
+
+# -- linear interpolation ----------------------------------------------------------------------
+def _segment(f: Callable[[Tensor], float], w1: Tensor, w2: Tensor, alphas: np.ndarray) -> np.ndarray:
+    d = w2 - w1
+    return np.array([f(w1 + float(a) * d) for a in alphas])
+
+
+class Interpolation(_ValleyProbe):
+    """Loss on straight segments between checkpoints: barriers and monotonicity.
+
+    At each measurement, L((1 - a) w_prev + a w_t) for a in ``alphas`` (which must include 0 and
+    1; values outside [0, 1] extrapolate), w_prev the previous measurement's parameters:
+    ``interpolation_loss``, ``interpolation_barrier`` (max over [0, 1] of the loss above the
+    chord), ``interpolation_violations`` (rises larger than ``tol`` along a), and
+    ``interpolation_max_rise``. At the end, the same from the first checkpoint to the final
+    iterate (``mli_*``, Lucas et al. 2021: monotonic linear interpolation holds when
+    ``mli_violations`` is 0). Costs len(alphas) forward passes and one stored vector.
+    """
+
+    name = "Interpolation"
+
+    def __init__(self, every: Any = 1, *, alphas: Any = np.linspace(0.0, 1.0, 11), tol: float = 0.0, samples: int = 1,
+                 bn_mode: str = "eval", seed: int = 0) -> None:
+        super().__init__(every, samples=samples, bn_mode=bn_mode, seed=seed)
+        self.alphas = _alphas(alphas, need=(0.0, 1.0))
+        self.tol = _number("tol", tol, closed=True)
+        self._first: Tensor | None = None
+        self._prev: Tensor | None = None
+
+    def coords(self) -> dict[str, list[Any]]:
+        return {"alpha": [float(a) for a in self.alphas]}
+
+    def measure(self, ctx: Context) -> Measurement:
+        assert ctx.params is not None
+        w = ctx.params
+        prev, self._prev = self._prev, w.detach().clone()
+        if self._first is None:
+            self._first = self._prev
+        s = {**self._settings(), "tol": self.tol}
+        if prev is None:
+            losses = np.full(self.alphas.size, np.nan)
+            barrier, violations, rise = np.nan, -1, np.nan
+        else:
+            losses = _segment(_loss_fn(ctx.functional, self._batches(ctx)), prev, w, self.alphas)
+            st = interpolation_stats(self.alphas, losses, tol=self.tol)
+            barrier, violations, rise = st.barrier, st.violations, st.max_rise
+        return Measurement({
+            "interpolation_loss": step_value("interpolation_loss", losses, **s),
+            "interpolation_barrier": step_value("interpolation_barrier", np.float64(barrier), **s),
+            "interpolation_violations": step_value("interpolation_violations", np.int64(violations), **s),
+            "interpolation_max_rise": step_value("interpolation_max_rise", np.float64(rise), **s),
+        })
+
+    def finalize(self, ctx: Context) -> xr.Dataset | None:
+        if self._first is None or ctx.final_params is None:
+            return None
+        losses = _segment(_loss_fn(ctx.functional, self._batches(ctx)), self._first, ctx.final_params, self.alphas)
+        st = interpolation_stats(self.alphas, losses, tol=self.tol)
+        s = {**self._settings(), "tol": self.tol}
+        return xr.Dataset({
+            "mli_loss": (("alpha",), losses, attrs_for("mli_loss", **s)),
+            "mli_barrier": ((), st.barrier, attrs_for("mli_barrier", **s)),
+            "mli_violations": ((), np.int64(st.violations), attrs_for("mli_violations", **s)),
+            "mli_max_rise": ((), st.max_rise, attrs_for("mli_max_rise", **s)),
+        }, coords={"alpha": self.alphas})
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "alphas": [float(a) for a in self.alphas], "tol": self.tol}
+
+
+def interpolate(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Any, start: Any, end: Any, *,
+                alphas: Any = np.linspace(0.0, 1.0, 21), tol: float = 0.0, batches: int = 1,
+                batch_size: int | None = None, seed: int = 0) -> xr.Dataset:
+    """The loss on the segment between two points, e.g. the final iterates of two runs (are they
+    in one linearly connected basin?), on ``batches`` batches drawn from ``data`` (as the
+    recorder's ``probe_data``) with dropout off and BN in eval mode.
+
+    ``start``/``end``: modules of ``model``'s architecture, state_dicts, checkpoint paths
+    (loaded with ``weights_only=True``) or flat parameter vectors. Returns ``endpoint_loss``
+    (alpha), ``endpoint_barrier``, ``endpoint_violations``, ``endpoint_max_rise``.
+    """
+    from probes.secant import _load_reference
+
+    a = _alphas(alphas, need=(0.0, 1.0))
+    fm = FunctionalModel(model, loss_fn)
+    points = [_load_reference(p.state_dict() if isinstance(p, nn.Module) else p, fm) for p in (start, end)]
+    drawn = [move_batch(b, fm.device)
+             for b in draw_batches(data, _positive_int("batches", batches), batch_size=batch_size, seed=seed)]
+    with probe_guard(model, "eval"):
+        losses = _segment(_loss_fn(fm, drawn), points[0], points[1], a)
+    st = interpolation_stats(a, losses, tol=tol)
+    s = {"batches": batches, "examples": sum(_examples(b) for b in drawn), "bn_mode": "eval", "tol": tol}
+    return xr.Dataset({
+        "endpoint_loss": (("alpha",), losses, attrs_for("endpoint_loss", **s)),
+        "endpoint_barrier": ((), st.barrier, attrs_for("endpoint_barrier", **s)),
+        "endpoint_violations": ((), np.int64(st.violations), attrs_for("endpoint_violations", **s)),
+        "endpoint_max_rise": ((), st.max_rise, attrs_for("endpoint_max_rise", **s)),
+    }, coords={"alpha": a})
