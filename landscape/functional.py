@@ -12,7 +12,9 @@ import contextlib
 import fnmatch
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -622,3 +624,36 @@ def draw_batches(source: Any, count: int, *, batch_size: int | None = None, seed
             f"lower `samples`"
         )
     return batches[:count]
+
+
+def flat_point(reference: Any, fm: FunctionalModel) -> Tensor:
+    """A point in parameter space as ``fm``'s flat vector, from a module of the same
+    architecture, its state_dict, a checkpoint path (loaded with ``weights_only=True``) or a flat
+    tensor."""
+    if isinstance(reference, nn.Module):
+        reference = reference.state_dict()
+    if isinstance(reference, (str, os.PathLike)):
+        path = Path(reference)
+        if not path.exists():
+            raise FileNotFoundError(f"reference checkpoint {path} does not exist")
+        reference = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(reference, dict) and "state_dict" in reference and isinstance(reference["state_dict"], Mapping):
+            reference = reference["state_dict"]
+    if isinstance(reference, Tensor):
+        flat = reference.detach().reshape(-1)
+        if flat.numel() != fm.dim:
+            raise ValueError(f"reference vector has {flat.numel()} entries, the model's trainable parameters {fm.dim}")
+        return flat.to(device=fm.device, dtype=fm.dtype)
+    if not isinstance(reference, Mapping):
+        raise TypeError("expected a module, a state_dict, a checkpoint path, or a flat tensor of the parameters")
+    missing = [n for n in fm.layout.names if n not in reference]
+    if missing:
+        raise KeyError(f"reference state_dict lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}: "
+                       "pass model.state_dict() of the same architecture")
+    parts = []
+    for name, shape in zip(fm.layout.names, fm.layout.shapes):
+        t = torch.as_tensor(reference[name])
+        if t.shape != shape:
+            raise ValueError(f"reference {name} has shape {tuple(t.shape)}, the model's is {tuple(shape)}")
+        parts.append(t.reshape(-1).to(device=fm.device, dtype=fm.dtype))
+    return torch.cat(parts)

@@ -20,7 +20,7 @@ import xarray as xr
 from scipy import stats
 from torch import Tensor
 
-from landscape.functional import FunctionalModel
+from landscape.functional import FunctionalModel, flat_point
 from landscape.linalg import GaussianSketch
 from landscape.schema import attrs_for, var
 from probes.base import Context, Measurement, Probe
@@ -113,35 +113,6 @@ def summarize(ds: xr.Dataset, *, dim: int, source: str, quantiles: Sequence[floa
     return out
 
 
-def _load_reference(reference: Any, fm: FunctionalModel) -> Tensor:
-    """A flat reference vector from a state_dict or a checkpoint path (weights_only=True)."""
-    if isinstance(reference, (str, os.PathLike)):
-        path = Path(reference)
-        if not path.exists():
-            raise FileNotFoundError(f"reference checkpoint {path} does not exist")
-        reference = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(reference, dict) and "state_dict" in reference and isinstance(reference["state_dict"], Mapping):
-            reference = reference["state_dict"]
-    if isinstance(reference, Tensor):
-        flat = reference.detach().reshape(-1)
-        if flat.numel() != fm.dim:
-            raise ValueError(f"reference vector has {flat.numel()} entries, the model's trainable parameters {fm.dim}")
-        return flat.to(device=fm.device, dtype=fm.dtype)
-    if not isinstance(reference, Mapping):
-        raise TypeError("reference= must be a state_dict, a checkpoint path, or a flat tensor")
-    missing = [n for n in fm.layout.names if n not in reference]
-    if missing:
-        raise KeyError(f"reference state_dict lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}: "
-                       "pass model.state_dict() of the same architecture")
-    parts = []
-    for name, shape in zip(fm.layout.names, fm.layout.shapes):
-        t = torch.as_tensor(reference[name])
-        if t.shape != shape:
-            raise ValueError(f"reference {name} has shape {tuple(t.shape)}, the model's is {tuple(shape)}")
-        parts.append(t.reshape(-1).to(device=fm.device, dtype=fm.dtype))
-    return torch.cat(parts)
-
-
 class RestrictedSecant(Probe):
     """RSI, EB, gamma and eta* along the trajectory, against the final iterate or a reference.
 
@@ -198,7 +169,7 @@ class RestrictedSecant(Probe):
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
         self._dim = functional.dim
         if self.reference is not None:
-            self._ref = _load_reference(self.reference, functional)
+            self._ref = flat_point(self.reference, functional)
         if self.sketch_k is not None:
             self._sketch = GaussianSketch(self.sketch_k, functional.dim, seed=self.seed, device=functional.device)
 

@@ -35,7 +35,7 @@ import xarray as xr
 from torch import Tensor, nn
 
 from landscape.directions import BiasMode, Normalization, TrajectoryDirection, check_normalization, normalized, random_direction
-from landscape.functional import Batch, FunctionalModel, HVPRoute, batch_size as _examples, draw_batches, move_batch, probe_guard
+from landscape.functional import Batch, FunctionalModel, HVPRoute, batch_size as _examples, draw_batches, flat_point, move_batch, probe_guard
 from landscape.geometry import exit_distance, interpolation_stats
 from landscape.schema import attrs_for, step_value
 from probes.base import Context, Measurement, Probe
@@ -445,11 +445,9 @@ def interpolate(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: A
     (loaded with ``weights_only=True``) or flat parameter vectors. Returns ``endpoint_loss``
     (alpha), ``endpoint_barrier``, ``endpoint_violations``, ``endpoint_max_rise``.
     """
-    from probes.secant import _load_reference
-
     a = _alphas(alphas, need=(0.0, 1.0))
     fm = FunctionalModel(model, loss_fn)
-    points = [_load_reference(p.state_dict() if isinstance(p, nn.Module) else p, fm) for p in (start, end)]
+    points = [flat_point(p, fm) for p in (start, end)]
     drawn = [move_batch(b, fm.device)
              for b in draw_batches(data, _positive_int("batches", batches), batch_size=batch_size, seed=seed)]
     with probe_guard(model, "eval"):

