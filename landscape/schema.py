@@ -207,13 +207,15 @@ VARIABLES: dict[str, VarSpec] = {
                             "L(w_T + x pc_1 + y pc_2) on a grid covering the projected path"),
     # GradientNoise (REFERENCE.md §5)
     "noise_scale": VarSpec(("step", "block"), "gradient noise scale B_simple", "1", "GradientNoise",
-                           "tr(Sigma) / |G|^2 (McCandlish et al. 2018), Sigma the per-example gradient covariance"),
+                           "tr(Sigma) / |G|^2 (McCandlish et al. 2018), Sigma the per-example gradient covariance; "
+                           "+inf where the unbiased |G|^2 <= 0 (noise swamps the signal), NaN where both are 0"),
     "grad_variance": VarSpec(("step", "block"), "tr(Sigma) per example", "1", "GradientNoise",
                              "trace of the per-example gradient covariance (unbiased)"),
     "grad_sqnorm": VarSpec(("step", "block"), "|G|^2 (unbiased)", "1", "GradientNoise",
                            "squared norm of the mean gradient, bias-corrected by tr(Sigma)/n"),
     "grad_snr": VarSpec(("step", "block"), "gradient signal-to-noise ratio (mean)", "1", "GradientNoise",
-                        "mean over the block's parameters of E[g_j]^2 / Var[g_j] over examples"),
+                        "mean over the block's parameters of m_j^2 / v_j (mean and unbiased variance over the examples; "
+                        "v_j = 0 left out; m_j^2 is not bias-corrected, so no signal reads about 1/n)"),
     "grad_snr_median": VarSpec(("step", "block"), "gradient signal-to-noise ratio (median)", "1", "GradientNoise",
                                "median over the block's parameters of E[g_j]^2 / Var[g_j]"),
 }

@@ -3,6 +3,7 @@
 :class:`Context` from the recorder and returns named arrays (:class:`landscape.schema.Var`)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -11,11 +12,27 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from landscape.functional import Batch, BNMode, FunctionalModel, HessianOperator, HVPRoute
+from landscape.functional import Batch, BlockSpec, BNMode, FunctionalModel, HessianOperator, HVPRoute, resolve_blocks
 from landscape.schedule import Every, Schedule
 from landscape.schema import Var
 
 TrajectoryIter = Callable[[Sequence[str]], Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]]
+
+
+def positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``, or a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def number_in(name: str, value: Any, *, low: float = 0.0, high: float = math.inf, closed: bool = False) -> float:
+    """``value`` as a finite float in (low, high), or [low, high) when ``closed``; else a ValueError."""
+    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(float(value))
+    if not ok or not ((low <= value if closed else low < value) and value < high):
+        bound = f"[{low}, {high})" if closed else f"({low}, {high})"
+        raise ValueError(f"{name} must be a number in {bound}, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -136,3 +153,36 @@ class Probe:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "probe")
         return f"{self.name}({args})"
+
+
+
+class BlockProbe(Probe):
+    """A probe that reports along the ``block`` dim: ``blocks=None`` is the whole model (label
+    ``"model"``); name patterns, modules, ``"params"``, ``"modules"`` or a dict of them select
+    parameter blocks (:func:`landscape.functional.resolve_blocks`). ``block_index`` maps each
+    label to the indices of its parameters in the flat vector (None: all of them); the recorder
+    checks that a label means the same parameters in every probe of a run."""
+
+    def __init__(self, every: Every = 1, *, blocks: BlockSpec = None, bn_mode: BNMode = "eval", seed: int = 0) -> None:
+        super().__init__(every, bn_mode=bn_mode, seed=seed)
+        self.blocks = blocks
+        self.block_index: dict[str, Tensor | None] = {}
+        self._block_sizes: dict[str, int] = {}
+
+    def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
+        self.block_index = resolve_blocks(functional.layout, functional.model, self.blocks)
+        self._block_sizes = {k: functional.dim if v is None else int(v.numel()) for k, v in self.block_index.items()}
+
+    def coords(self) -> dict[str, list[Any]]:
+        return {"block": list(self.block_index)}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "blocks": self._block_sizes or (None if self.blocks is None else repr(self.blocks))}
+
+def trajectory_var(x: Tensor, dims: tuple[str, ...], what: str, probe: str, sketch: Any = None) -> Var:
+    """A trajectory vector (float32) with attrs saying what it is, who wrote it and, for a
+    sketch (a :class:`landscape.linalg.GaussianSketch`), how it was sketched."""
+    attrs: dict[str, Any] = {"long_name": what, "units": "1", "probe": probe}
+    if sketch is not None:
+        attrs["sketch"] = sketch.describe()
+    return Var(dims, x.detach().to(torch.float32), attrs)

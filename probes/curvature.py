@@ -20,15 +20,9 @@ import xarray as xr
 from torch import Tensor
 
 from landscape import linalg
-from landscape.functional import BlockSpec, FunctionalModel, HVPRoute, resolve_blocks
+from landscape.functional import BlockSpec, FunctionalModel, HVPRoute
 from landscape.schema import step_value
-from probes.base import Context, Measurement, Probe
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+from probes.base import BlockProbe, Context, Measurement, Probe, positive_int
 
 
 def _tolerance(tol: Any) -> float:
@@ -37,30 +31,20 @@ def _tolerance(tol: Any) -> float:
     return float(tol)
 
 
-class CurvatureProbe(Probe):
+class CurvatureProbe(BlockProbe):
     """Shared set-up of the Hessian probes: evaluation batches, BN mode, HVP route, blocks."""
 
     def __init__(self, every: Any = 1, *, samples: int = 1, blocks: BlockSpec = None, bn_mode: str = "eval",
                  route: HVPRoute = "auto", seed: int = 0) -> None:
-        super().__init__(every, bn_mode=bn_mode, seed=seed)  # type: ignore[arg-type]
-        self.samples = _positive_int("samples (number of fixed probe batches the Hessian is taken over)", samples)
+        super().__init__(every, blocks=blocks, bn_mode=bn_mode, seed=seed)  # type: ignore[arg-type]
+        self.samples = positive_int("samples (number of fixed probe batches the Hessian is taken over)", samples)
         if route not in ("auto", "double_backward", "fwd_rev"):
             raise ValueError(f"route must be 'auto', 'double_backward' or 'fwd_rev', got {route!r}")
         self.route: HVPRoute = route
-        self.blocks = blocks
-        self.block_index: dict[str, Tensor | None] = {}
-        self._block_sizes: dict[str, int] = {}
 
     @property
     def samples_needed(self) -> int:
         return self.samples
-
-    def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
-        self.block_index = resolve_blocks(functional.layout, functional.model, self.blocks)
-        self._block_sizes = {k: functional.dim if v is None else int(v.numel()) for k, v in self.block_index.items()}
-
-    def coords(self) -> dict[str, list[Any]]:
-        return {"block": list(self.block_index)}
 
     def _blocks(self, op: Any) -> Iterator[tuple[str, linalg.SymmetricOperator]]:
         """Each block's operator: the whole ``op`` or its diagonal block."""
@@ -72,8 +56,7 @@ class CurvatureProbe(Probe):
         return {"samples": self.samples, "bn_mode": self.bn_mode, "route": self.route}
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "samples": self.samples, "route": self.route,
-                "blocks": self._block_sizes or (None if self.blocks is None else repr(self.blocks))}
+        return {**super().config(), "samples": self.samples, "route": self.route}
 
 
 WarmStart = Union[bool, Literal["block"]]
@@ -161,10 +144,10 @@ class HessianSpectrum(CurvatureProbe):
                  warm_start: WarmStart = True, samples: int = 1, blocks: BlockSpec = None, bn_mode: str = "eval",
                  route: HVPRoute = "auto", seed: int = 0) -> None:
         super().__init__(every, samples=samples, blocks=blocks, bn_mode=bn_mode, route=route, seed=seed)
-        self.k = _positive_int("k (number of top eigenvalues)", k)
-        self.bottom = _positive_int("bottom (number of bottom eigenvalues)", bottom, 0)
+        self.k = positive_int("k (number of top eigenvalues)", k)
+        self.bottom = positive_int("bottom (number of bottom eigenvalues)", bottom, 0)
         self.tol = _tolerance(tol)
-        self.max_matvecs = None if max_matvecs is None else _positive_int("max_matvecs", max_matvecs)
+        self.max_matvecs = None if max_matvecs is None else positive_int("max_matvecs", max_matvecs)
         self.warm_start = _warm_start(warm_start)
         self._tracker = _Tracker(self.k, self.bottom, self.tol, self.max_matvecs, self.warm_start)
 
@@ -230,7 +213,7 @@ class HessianTrace(CurvatureProbe):
         if method not in ("hutch++", "hutchinson"):
             raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
         self.method = method
-        self.matvecs = _positive_int("matvecs", matvecs, 3 if method == "hutch++" else 2)
+        self.matvecs = positive_int("matvecs", matvecs, 3 if method == "hutch++" else 2)
 
     def measure(self, ctx: Context) -> Measurement:
         op = ctx.hessian(self.samples, self.bn_mode, self.route)
@@ -262,8 +245,8 @@ class SpectralDensity(CurvatureProbe):
     def __init__(self, every: Any = 1, *, vectors: int = 1, steps: int = 90, samples: int = 1, blocks: BlockSpec = None,
                  bn_mode: str = "eval", route: HVPRoute = "auto", seed: int = 0) -> None:
         super().__init__(every, samples=samples, blocks=blocks, bn_mode=bn_mode, route=route, seed=seed)
-        self.vectors = _positive_int("vectors (SLQ probe vectors)", vectors)
-        self.steps = _positive_int("steps (Lanczos steps per probe vector)", steps, 2)
+        self.vectors = positive_int("vectors (SLQ probe vectors)", vectors)
+        self.steps = positive_int("steps (Lanczos steps per probe vector)", steps, 2)
 
     def measure(self, ctx: Context) -> Measurement:
         op = ctx.hessian(self.samples, self.bn_mode, self.route)
@@ -458,9 +441,9 @@ class PreconditionedSharpness(CurvatureProbe):
                  threshold: float | None = None, samples: int = 1, blocks: BlockSpec = None, bn_mode: str = "train",
                  route: HVPRoute = "auto", seed: int = 0) -> None:
         super().__init__(every, samples=samples, blocks=blocks, bn_mode=bn_mode, route=route, seed=seed)
-        self.k = _positive_int("k", k)
+        self.k = positive_int("k", k)
         self.tol = _tolerance(tol)
-        self.max_matvecs = None if max_matvecs is None else _positive_int("max_matvecs", max_matvecs)
+        self.max_matvecs = None if max_matvecs is None else positive_int("max_matvecs", max_matvecs)
         self.warm_start = _warm_start(warm_start)
         if preconditioner is not None and not callable(preconditioner):
             raise TypeError("preconditioner must be a callable optimizer -> flat tensor of P's diagonal")

@@ -23,7 +23,7 @@ from torch import Tensor
 from landscape.functional import FunctionalModel, flat_point
 from landscape.linalg import GaussianSketch
 from landscape.schema import attrs_for, var
-from probes.base import Context, Measurement, Probe
+from probes.base import Context, Measurement, Probe, trajectory_var
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 VARIANTS = {"": "sample", "_train": "grad", "_wd": "grad_wd", "_update": "update"}
@@ -229,13 +229,13 @@ class RestrictedSecant(Probe):
             return out
         # Against the final iterate: stream the vectors; the numbers come at close().
         vec_dim = "sketch" if sk is not None else "param"
-        out.trajectory["params"] = var_vec(sk(w) if sk else w, (vec_dim,), "parameters w_t", sk)
-        out.trajectory["grad"] = var_vec(sk(ctx.grad) if sk else ctx.grad, (vec_dim,), "training gradient g_t", sk)
-        out.trajectory["update"] = var_vec(sk(ctx.update) if sk else ctx.update, (vec_dim,), "update w_{t+1} - w_t", sk)
+        out.trajectory["params"] = trajectory_var(sk(w) if sk else w, (vec_dim,), "parameters w_t", self.name, sk)
+        out.trajectory["grad"] = trajectory_var(sk(ctx.grad) if sk else ctx.grad, (vec_dim,), "training gradient g_t", self.name, sk)
+        out.trajectory["update"] = trajectory_var(sk(ctx.update) if sk else ctx.update, (vec_dim,), "update w_{t+1} - w_t", self.name, sk)
         if sk is not None and lam is not None:
-            out.trajectory["grad_wd"] = var_vec(sk(directions["grad_wd"]), (vec_dim,), "g_t + lambda w_t", sk)
+            out.trajectory["grad_wd"] = trajectory_var(sk(directions["grad_wd"]), (vec_dim,), "g_t + lambda w_t", self.name, sk)
         if self.samples:
-            out.trajectory["sample_grad"] = var_vec(sk(directions["sample"]) if sk else directions["sample"], ("sample", vec_dim), "probe-batch gradients", sk)
+            out.trajectory["sample_grad"] = trajectory_var(sk(directions["sample"]) if sk else directions["sample"], ("sample", vec_dim), "probe-batch gradients", self.name, sk)
         return out
 
     def _variant_attrs(self, suffix: str, lam: Tensor | None) -> dict[str, Any]:
@@ -317,13 +317,3 @@ class RestrictedSecant(Probe):
         if any(len(v[0]) == 2 for v in data_vars.values()):
             coords["sample"] = np.arange(next(v[1].shape[1] for v in data_vars.values() if len(v[0]) == 2))
         return xr.Dataset(data_vars, coords=coords)  # built at once: per-variable inserts re-align each time
-
-
-def var_vec(x: Tensor, dims: tuple[str, ...], what: str, sk: GaussianSketch | None):  # type: ignore[no-untyped-def]
-    """A trajectory vector with attrs saying what it is and how it was sketched."""
-    from landscape.schema import Var
-
-    attrs: dict[str, Any] = {"long_name": what, "units": "1", "probe": "RestrictedSecant"}
-    if sk is not None:
-        attrs["sketch"] = sk.describe()
-    return Var(dims, x.detach().to(torch.float32), attrs)

@@ -38,16 +38,8 @@ from landscape.directions import BiasMode, Normalization, TrajectoryDirection, c
 from landscape.functional import Batch, FunctionalModel, HVPRoute, batch_size as _examples, draw_batches, flat_point, move_batch, probe_guard
 from landscape.geometry import exit_distance, interpolation_stats
 from landscape.schema import attrs_for, step_value
-from probes.base import Context, Measurement, Probe
-from probes.curvature import _positive_int, top_eigenpairs
-
-
-def _number(name: str, value: Any, *, low: float = 0.0, high: float = math.inf, closed: bool = False) -> float:
-    ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(float(value))
-    if not ok or not ((low <= value if closed else low < value) and value < high):
-        bound = f"[{low}, {high})" if closed else f"({low}, {high})"
-        raise ValueError(f"{name} must be a number in {bound}, got {value!r}")
-    return float(value)
+from probes.base import Context, Measurement, Probe, number_in, positive_int
+from probes.curvature import top_eigenpairs
 
 
 def _alphas(alphas: Any, *, need: Sequence[float] = ()) -> np.ndarray:
@@ -70,7 +62,7 @@ class _ValleyProbe(Probe):
 
     def __init__(self, every: Any = 1, *, samples: int = 1, bn_mode: str = "eval", seed: int = 0) -> None:
         super().__init__(every, bn_mode=bn_mode, seed=seed)  # type: ignore[arg-type]
-        self.samples = _positive_int("samples (number of fixed probe batches)", samples)
+        self.samples = positive_int("samples (number of fixed probe batches)", samples)
 
     @property
     def samples_needed(self) -> int:
@@ -112,7 +104,7 @@ class StepCurvature(_ValleyProbe):
                  bn_mode: str = "eval", route: HVPRoute = "auto", seed: int = 0) -> None:
         super().__init__(every, samples=samples, bn_mode=bn_mode, seed=seed)
         self.anisotropy = bool(anisotropy)
-        self.tol = _number("tol", tol, high=1.0)
+        self.tol = number_in("tol", tol, high=1.0)
         if route not in ("auto", "double_backward", "fwd_rev"):
             raise ValueError(f"route must be 'auto', 'double_backward' or 'fwd_rev', got {route!r}")
         self.route: HVPRoute = route
@@ -167,8 +159,8 @@ class RiverHill(_ValleyProbe):
     def __init__(self, every: Any = 1, *, beta: float = 0.99, lag: int | None = None, samples: int = 1,
                  bn_mode: str = "eval", seed: int = 0) -> None:
         super().__init__(every, samples=samples, bn_mode=bn_mode, seed=seed)
-        self.beta = _number("beta (EMA factor per optimizer step)", beta, high=1.0, closed=True)
-        self.lag = None if lag is None else _positive_int("lag (steps)", lag)
+        self.beta = number_in("beta (EMA factor per optimizer step)", beta, high=1.0, closed=True)
+        self.lag = None if lag is None else positive_int("lag (steps)", lag)
         self._ema: Tensor | None = None
         self._last = -1
         self._history: deque[tuple[int, Tensor]] = deque()
@@ -208,20 +200,8 @@ class RiverHill(_ValleyProbe):
         return {**super().config(), "beta": self.beta, "lag": self.lag}
 
 
-# -- valley width ------------------------------------------------------------------------------
+# -- directions at a step ----------------------------------------------------------------------
 DIRECTION_KINDS = ("trajectory", "eigenvector", "random")
-
-
-def _direction_labels(directions: Sequence[str], random: int) -> list[str]:
-    if isinstance(directions, str):
-        directions = (directions,)
-    bad = [d for d in directions if d not in DIRECTION_KINDS]
-    if bad or not directions or len(set(directions)) != len(directions):
-        raise ValueError(f"directions must be distinct names from {DIRECTION_KINDS}, got {tuple(directions)!r}")
-    labels = []
-    for d in directions:
-        labels.extend([f"random_{i}" for i in range(random)] if d == "random" else [d])
-    return labels
 
 
 def _sign_fixed(v: Tensor) -> Tensor:
@@ -230,6 +210,68 @@ def _sign_fixed(v: Tensor) -> Tensor:
     return v if v[i] >= 0 else -v
 
 
+class StepDirections:
+    """The directions a probe measures along, by label, normalised the same way:
+
+    - ``trajectory``: the EMA-smoothed displacement (:class:`landscape.directions.TrajectoryDirection`,
+      ``beta`` per optimizer step), fed at each call; None until there is a displacement.
+    - ``eigenvector``: the top Hessian eigenvector on the probe's Hessian (shared with
+      HessianSpectrum at the same step when it measured the same Hessian; else Lanczos to
+      relative accuracy ``tol``, which bounds the Rayleigh quotient's error by about ``tol``
+      lambda_max while the vector may be off by ~sqrt(tol lambda_max / gap) radians), its
+      largest-magnitude entry made positive (an eigenvector's sign is arbitrary).
+    - ``random_0``, ``random_1``, ...: Gaussian directions from the probe's generator for the
+      step (their own stream: they do not depend on which other directions are asked for).
+
+    A direction whose normalised form is zero or non-finite (e.g. a filter-normalised one that
+    lives only in zeroed biases) is None.
+    """
+
+    def __init__(self, kinds: Sequence[str] | str, random: int, normalization: Normalization, bias: BiasMode,
+                 beta: float, tol: float) -> None:
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        bad = [k for k in kinds if k not in DIRECTION_KINDS]
+        if bad or not kinds or len(set(kinds)) != len(kinds):
+            raise ValueError(f"directions must be names from {DIRECTION_KINDS} without repeats, got {kinds!r}")
+        self.kinds = kinds
+        self.random = positive_int("random (number of random directions)", random, 1 if "random" in kinds else 0)
+        check_normalization(normalization, bias)
+        self.normalization, self.bias = normalization, bias
+        self.tol = number_in("tol", tol, high=1.0)
+        self.trajectory = TrajectoryDirection(beta)
+        self.labels = [lab for k in kinds for lab in ([f"random_{i}" for i in range(self.random)] if k == "random" else [k])]
+
+    def _normalized(self, d: Tensor | None, w: Tensor, ctx: Context) -> Tensor | None:
+        if d is None or not float(torch.linalg.vector_norm(d)) > 0:
+            return None
+        out = normalized(d.to(w), w, ctx.functional.layout, self.normalization, self.bias)
+        usable = bool(torch.isfinite(out).all()) and float(torch.linalg.vector_norm(out)) > 0
+        return out if usable else None
+
+    def at(self, ctx: Context, probe: Probe, *, samples: int, route: HVPRoute = "auto") -> dict[str, Tensor | None]:
+        """The step's normalised directions by label (feeds the trajectory direction: call once per step)."""
+        assert ctx.params is not None
+        w = ctx.params
+        out: dict[str, Tensor | None] = {}
+        raw_traj = self.trajectory.observe(ctx.step, w, ctx.update) if "trajectory" in self.kinds else None
+        gen = probe.generator(ctx.step)
+        for label in self.labels:
+            if label == "trajectory":
+                out[label] = self._normalized(raw_traj, w, ctx)
+            elif label == "eigenvector":
+                _, V = top_eigenpairs(ctx, 1, samples=samples, bn_mode=probe.bn_mode, route=route, tol=self.tol,
+                                      generator=probe.generator(ctx.step))
+                out[label] = self._normalized(_sign_fixed(V[:, 0]), w, ctx)
+            else:
+                d = random_direction(w, ctx.functional.layout, gen, normalization="none")
+                out[label] = self._normalized(d, w, ctx)
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        return {"normalization": self.normalization, "bias": self.bias, "beta": self.trajectory.beta, "tol": self.tol}
+
+
+# -- valley width ------------------------------------------------------------------------------
 class ValleyWidth(_ValleyProbe):
     """Directional valley width W_tau(d) = t+ + t-, t+- = sup{t >= 0: L(w +- t d) - L(w) <= tau}.
 
@@ -251,57 +293,33 @@ class ValleyWidth(_ValleyProbe):
                  normalization: Normalization = "unit", bias: BiasMode = "zero", beta: float = 0.9, rtol: float = 1e-2,
                  t0: float | None = None, tol: float = 1e-3, samples: int = 1, bn_mode: str = "eval", seed: int = 0) -> None:
         super().__init__(every, samples=samples, bn_mode=bn_mode, seed=seed)
-        self.tau = _number("tau (loss increase that bounds the valley)", tau)
-        self.random = _positive_int("random (number of random directions)", random, 0)
-        self.labels = _direction_labels(directions, self.random)
-        check_normalization(normalization, bias)
+        self.tau = number_in("tau (loss increase that bounds the valley)", tau)
         if normalization == "none":
             raise ValueError("normalization='none' makes widths depend on an arbitrary direction scale: use 'unit' or 'filter'")
-        self.normalization, self.bias = normalization, bias
-        self.rtol = _number("rtol", rtol, high=1.0)
-        self.t0 = None if t0 is None else _number("t0", t0)
-        self.tol = _number("tol", tol, high=1.0)
-        self._trajectory = TrajectoryDirection(beta)
+        self.directions = StepDirections(directions, random, normalization, bias, beta, tol)
+        self.labels = self.directions.labels
+        self.rtol = number_in("rtol", rtol, high=1.0)
+        self.t0 = None if t0 is None else number_in("t0", t0)
 
     def coords(self) -> dict[str, list[Any]]:
         return {"direction": list(self.labels)}
-
-    def _directions(self, ctx: Context) -> dict[str, Tensor | None]:
-        assert ctx.params is not None
-        w, layout = ctx.params, ctx.functional.layout
-        gen = self.generator(ctx.step)
-        out: dict[str, Tensor | None] = {}
-        traj = self._trajectory.observe(ctx.step, w, ctx.update)
-        for label in self.labels:
-            if label == "trajectory":
-                ok = traj is not None and float(torch.linalg.vector_norm(traj)) > 0
-                out[label] = normalized(traj, w, layout, self.normalization, self.bias) if ok else None  # type: ignore[arg-type]
-            elif label == "eigenvector":
-                # its own stream: the random directions do not depend on whether this one is asked for
-                _, V = top_eigenpairs(ctx, 1, samples=self.samples, bn_mode=self.bn_mode, tol=self.tol,
-                                      generator=self.generator(ctx.step))
-                out[label] = normalized(_sign_fixed(V[:, 0].to(w)), w, layout, self.normalization, self.bias)
-            else:
-                out[label] = random_direction(w, layout, gen, normalization=self.normalization, bias=self.bias)
-        return out
 
     def measure(self, ctx: Context) -> Measurement:
         assert ctx.params is not None
         w = ctx.params
         f = _loss_fn(ctx.functional, self._batches(ctx))
         base = f(w)
-        t0 = self.t0 if self.t0 is not None else (1.0 if self.normalization != "unit" else
+        t0 = self.t0 if self.t0 is not None else (1.0 if self.directions.normalization != "unit" else
                                                    max(1e-3, 0.01 * float(torch.linalg.vector_norm(w))))
         plus, minus = np.full(len(self.labels), np.nan), np.full(len(self.labels), np.nan)
-        for i, (label, d) in enumerate(self._directions(ctx).items()):
-            if d is None or not float(torch.linalg.vector_norm(d)) > 0:
-                continue  # e.g. a filter-normalised direction living only in zeroed biases
+        for i, (label, d) in enumerate(self.directions.at(ctx, self, samples=self.samples).items()):
+            if d is None:
+                continue
             for sign, out in ((1.0, plus), (-1.0, minus)):
                 res = exit_distance(lambda t: f(w + (sign * t) * d) - base, self.tau, t0=t0, rtol=self.rtol)
                 out[i] = res.t
         width = plus + minus
-        s = {**self._settings(), "tau": self.tau, "normalization": self.normalization, "bias": self.bias,
-             "rtol": self.rtol, "beta": self._trajectory.beta, "seed": self.seed}
+        s = {**self._settings(), "tau": self.tau, **self.directions.settings(), "rtol": self.rtol, "seed": self.seed}
         out = {
             "valley_width": step_value("valley_width", width, **s),
             "valley_width_plus": step_value("valley_width_plus", plus, **s),
@@ -313,8 +331,8 @@ class ValleyWidth(_ValleyProbe):
         return Measurement(out)
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "tau": self.tau, "directions": self.labels, "normalization": self.normalization,
-                "bias": self.bias, "beta": self._trajectory.beta, "rtol": self.rtol, "t0": self.t0, "tol": self.tol}
+        return {**super().config(), "tau": self.tau, "directions": self.labels, **self.directions.settings(),
+                "rtol": self.rtol, "t0": self.t0}
 
 
 # -- gradient overlap --------------------------------------------------------------------------
@@ -330,8 +348,8 @@ class GradientOverlap(_ValleyProbe):
     def __init__(self, every: Any = 1, *, k: int = 10, tol: float = 1e-3, samples: int = 1, bn_mode: str = "eval",
                  route: HVPRoute = "auto", seed: int = 0) -> None:
         super().__init__(every, samples=samples, bn_mode=bn_mode, seed=seed)
-        self.k = _positive_int("k (dimension of the top eigenspace)", k)
-        self.tol = _number("tol", tol, high=1.0)
+        self.k = positive_int("k (dimension of the top eigenspace)", k)
+        self.tol = number_in("tol", tol, high=1.0)
         self.route: HVPRoute = route
 
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
@@ -389,7 +407,7 @@ class Interpolation(_ValleyProbe):
                  bn_mode: str = "eval", seed: int = 0) -> None:
         super().__init__(every, samples=samples, bn_mode=bn_mode, seed=seed)
         self.alphas = _alphas(alphas, need=(0.0, 1.0))
-        self.tol = _number("tol", tol, closed=True)
+        self.tol = number_in("tol", tol, closed=True)
         self._first: Tensor | None = None
         self._prev: Tensor | None = None
 
@@ -449,7 +467,7 @@ def interpolate(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: A
     fm = FunctionalModel(model, loss_fn)
     points = [flat_point(p, fm) for p in (start, end)]
     drawn = [move_batch(b, fm.device)
-             for b in draw_batches(data, _positive_int("batches", batches), batch_size=batch_size, seed=seed)]
+             for b in draw_batches(data, positive_int("batches", batches), batch_size=batch_size, seed=seed)]
     with probe_guard(model, "eval"):
         losses = _segment(_loss_fn(fm, drawn), points[0], points[1], a)
     st = interpolation_stats(a, losses, tol=tol)
