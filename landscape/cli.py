@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``landscape`` command."""
     parser = argparse.ArgumentParser(prog="landscape", description="Loss-landscape geometry along training runs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train a CNN on the bundled digits with SGD and Adam (3 seeds), recording RSI/EB and Hessian curvature")
+    d = sub.add_parser("demo", help="train a CNN on the bundled digits with SGD and Adam (3 seeds), recording RSI/EB, Hessian curvature, sharpness and valleys")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the run stores (default runs/demo)")
     d.add_argument("--seeds", type=int, default=3, help="seeds per optimizer (default 3)")
     d.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")

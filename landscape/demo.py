@@ -1,5 +1,6 @@
-"""``landscape demo``: SGD+momentum vs Adam on the bundled digits, 3 seeds each, with RSI/EB and the
-Hessian's curvature (top-5 spectrum, trace, preconditioned sharpness and the edge of stability)
+"""``landscape demo``: SGD+momentum vs Adam on the bundled digits, 3 seeds each, with RSI/EB, the
+Hessian's curvature (top-5 spectrum, trace, preconditioned sharpness and the edge of stability),
+sharpness (raw and scale-aware) and the valley (floor curvature, widths, linear interpolation)
 recorded."""
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from tqdm.auto import tqdm
 import landscape
 from landscape.data import load_digits, split
 from landscape.models import DigitsCNN
-from probes import HessianSpectrum, HessianTrace, PreconditionedSharpness, RestrictedSecant
+from probes import (HessianSpectrum, HessianTrace, Interpolation, PreconditionedSharpness, RestrictedSecant, Sharpness,
+                    StepCurvature, ValleyWidth)
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4),
@@ -35,14 +37,21 @@ class DemoConfig:
     every: int = 5
     samples: int = 8
     curvature_every: int = 20
+    flatness_every: int = 90
 
 
 def demo_probes(cfg: DemoConfig) -> list:
-    """RSI/EB on 8 probe batches; curvature on the first probe batch (BN in eval mode)."""
+    """RSI/EB on 8 probe batches; curvature, sharpness and valleys on the first probe batch (BN in
+    eval mode). StepCurvature runs after HessianSpectrum at the same steps, so it reuses its
+    lambda_max."""
     return [RestrictedSecant(every=cfg.every, samples=cfg.samples),
             HessianSpectrum(every=cfg.curvature_every, k=5),
             HessianTrace(every=cfg.curvature_every, matvecs=30),
-            PreconditionedSharpness(every=cfg.curvature_every)]
+            PreconditionedSharpness(every=cfg.curvature_every),
+            StepCurvature(every=cfg.curvature_every),
+            Sharpness(every=cfg.flatness_every, radius=0.05),
+            ValleyWidth(every=cfg.flatness_every, tau=0.1),
+            Interpolation(every=cfg.flatness_every)]
 
 
 def train_one(name: str, seed: int, cfg: DemoConfig, data: tuple, bar: Any = None) -> Path:
@@ -154,6 +163,45 @@ def curvature_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def _median_late(da: Any) -> float:
+    """Median over the second half of training (after the start-up transient)."""
+    late = da.where(da["step"] >= da["step"].max() // 2)
+    return float(late.median())
+
+
+def flatness_table(paths: list[Path]) -> str:
+    """Per-optimizer flatness over seeds (mean ± sd) at the last measurement: sharpness in raw and
+    scale-aware forms, valley widths along the river (trajectory) and the wall (top
+    eigenvector) with their ratio, the floor curvature along the step and the anisotropy
+    lambda_max / floor (medians over the second half), and the barrier on the straight line from
+    the first checkpoint to the final iterate."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for p in paths:
+        ds = landscape.open_run(p)
+        if "sharpness" not in ds:
+            continue
+        r = rows.setdefault(ds.attrs["run"]["optimizer"], {k: [] for k in ("avg", "avg_a", "worst_a", "sam", "asam", "w_r", "w_w",
+                                                                           "aniso", "floor", "ratio", "mli")})
+        sh = ds["sharpness"].sel(radius=0.05)
+        for key, kind in (("avg", "average"), ("avg_a", "average_adaptive"), ("worst_a", "worst_l2_adaptive"),
+                          ("sam", "sam"), ("asam", "asam")):
+            r[key].append(_last(sh.sel(kind=kind)))
+        r["w_r"].append(_last(ds["valley_width"].sel(direction="trajectory")))
+        r["w_w"].append(_last(ds["valley_width"].sel(direction="eigenvector")))
+        r["aniso"].append(_last(ds["valley_width_anisotropy"]))
+        r["floor"].append(_median_late(ds["floor_curvature"]))
+        r["ratio"].append(_median_late(ds["valley_anisotropy"]))
+        r["mli"].append(float(ds["mli_barrier"]))
+    header = ["optimizer", "average (raw)", "average (adaptive)", "worst l2 (adaptive)", "SAM", "ASAM",
+              "width: river", "width: wall", "W(river)/W(wall)", "floor curvature u'Hu", "lambda_max / floor",
+              "barrier first -> final"]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for name, r in rows.items():
+        lines.append(" | ".join([name] + [_fmt(r[k]) for k in ("avg", "avg_a", "worst_a", "sam", "asam", "w_r", "w_w",
+                                                              "aniso", "floor", "ratio", "mli")]))
+    return "\n".join(lines)
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True) -> list[Path]:
     """Train every (optimizer, seed), print the table, return the store paths."""
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -176,5 +224,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> list[Path]:
     print(f"\nHessian of the loss on one probe batch of {cfg.batch_size} (BN in eval mode), every {cfg.curvature_every} steps: "
           "top-5 by warm-started Lanczos, trace by Hutch++ (30 products); stability ratio = lr * lambda / c with "
           "lambda of the optimizer's preconditioned Hessian (1 = edge of stability).")
+    print()
+    print(flatness_table(paths))
+    print(f"\nEvery {cfg.flatness_every} steps on the same probe batch: sharpness L(w + delta) - L(w) at rho = 0.05 "
+          "(average: Gaussian delta; adaptive: scaled by |w|, invariant under rescalings that keep the function; worst: "
+          "Auto-PGD, 20 steps; SAM/ASAM: one ascent step); valley widths t+ + t- where the loss rises by 0.1 along the "
+          "trajectory direction (river) and the top Hessian eigenvector (wall), unit directions; every "
+          f"{cfg.curvature_every} steps the curvature u'Hu along the step taken.")
     print(f"Open one run: landscape.open_run('{paths[0]}'); all: landscape.open_runs('{cfg.out}/*.zarr')")
     return paths

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import os
 import time
 from dataclasses import dataclass
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -28,6 +29,7 @@ Batch = tuple[Any, ...]
 HVPRoute = Literal["auto", "double_backward", "fwd_rev"]
 BNMode = Literal["eval", "train"]
 
+_POINTS_BYTES = 256 * 2**20  # cap on a block of parameter vectors held at once by FunctionalModel.losses
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -331,6 +333,70 @@ class FunctionalModel:
                     "it; use gradients of whole batches instead (GradientNoise method='per_batch')"
                 ) from err
             yield out.detach()
+
+    def losses(self, points: Callable[[int, int], Tensor], m: int, batches: Batch | Sequence[Batch], *,
+               batched: bool | Literal["auto"] = "auto") -> np.ndarray:
+        """L(w_j) on ``batches`` for m points, ``points(lo, hi)`` -> the (hi - lo, d) rows lo..hi
+        (asked for in increasing order, each row once), as float64.
+
+        ``batched=True`` evaluates blocks of points in one ``torch.func.vmap`` call (one forward
+        over many parameter vectors), ``False`` one at a time (O(d) memory). ``"auto"`` (default)
+        times both once per batch shape, like :meth:`HessianOperator.matmat`, and keeps the
+        faster: on a 2-core CPU vmap measured 4x faster for a digits MLP (64 examples) and 3x
+        slower for a digits CNN with 16 channels (256 examples), where arithmetic dominates. A
+        model vmap cannot run falls back to the loop. Both give the same values up to rounding.
+        Runs under no_grad; the caller sets the modes (e.g. :func:`probe_guard`).
+        """
+        if batched not in (True, False, "auto"):
+            raise ValueError(f"batched must be True, False or 'auto', got {batched!r}")
+        out = np.empty(m, dtype=np.float64)
+        if m == 0:
+            return out
+        batches = _as_batch_list(batches)
+        key = ("losses", tuple(batch_size(b) for b in batches))
+        size = max(1, min(self.max_batched, _POINTS_BYTES // max(1, self.dim * self.dtype.itemsize)))
+        choice: bool | None = self._batching.get(key) if batched == "auto" else bool(batched)
+
+        def one(x: Tensor) -> float:
+            return float(self.loss(x, batches))
+
+        vm = torch.func.vmap(lambda x: self.loss(x, batches))
+        lo = 0
+        with torch.no_grad():
+            if choice is None and m > 1:
+                hi = min(m, size)
+                W = points(0, hi)
+                try:
+                    vm(W)  # vmap's one-off set-up is not what we time
+                    t0 = time.perf_counter()
+                    fast = vm(W).double().cpu().numpy()
+                    t1 = time.perf_counter()
+                except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                    fast = None
+                t2 = time.perf_counter()
+                slow = np.array([one(W[j]) for j in range(hi)])
+                t3 = time.perf_counter()
+                choice = self._batching[key] = fast is not None and (t1 - t0) < (t3 - t2)
+                out[:hi] = fast if choice else slow
+                lo = hi
+            if choice:
+                while lo < m:
+                    hi = min(m, lo + size)
+                    W = points(lo, hi)
+                    try:
+                        out[lo:hi] = vm(W).double().cpu().numpy()
+                    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                        if batched is True:
+                            raise
+                        self._batching[key] = False
+                        out[lo:hi] = [one(W[j]) for j in range(hi - lo)]
+                    lo = hi
+            while lo < m:
+                hi = min(m, lo + size)
+                W = points(lo, hi)
+                out[lo:hi] = [one(W[j]) for j in range(hi - lo)]
+                lo = hi
+        return out
 
     def hessian_operator(
         self, w: Tensor, batches: Batch | Sequence[Batch], route: HVPRoute = "auto"

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
 
@@ -27,9 +25,10 @@ import xarray as xr
 from torch import Tensor, nn
 
 from landscape.directions import NORMALIZATIONS, random_direction
-from landscape.functional import (Batch, BNMode, FunctionalModel, _as_batch_list, check_batch, draw_batches,
+from landscape.functional import (Batch, BNMode, FunctionalModel, check_batch, draw_batches, flat_point,
                                   move_batch, probe_guard)
 from landscape.functional import batch_size as _batch_size
+from landscape.geometry import interpolation_stats
 from landscape.schema import attrs_for
 
 Blocks = Iterator[tuple[np.ndarray, np.ndarray]]
@@ -205,74 +204,6 @@ def trajectory_pca(blocks_factory: Callable[[], Iterable[tuple[Any, Any]]], fina
 
 # -- loss at many points -----------------------------------------------------------------------
 
-# Per functional model: whether vmap beat a loop for a batch shape (measured once, then kept).
-_ROUTES: "weakref.WeakKeyDictionary[FunctionalModel, dict[tuple[int, ...], bool]]" = weakref.WeakKeyDictionary()
-_POINTS_BYTES = 256 * 2**20  # cap on a block of points held at once for vmap
-
-
-def losses_at(fm: FunctionalModel, points: Callable[[int, int], Tensor], m: int, batches: Batch | Sequence[Batch], *,
-              batched: Batched = "auto") -> np.ndarray:
-    """L(w_j) on ``batches`` for the m points ``points(lo, hi)`` -> (hi - lo, d), as float64.
-
-    ``batched=True`` evaluates blocks of points in one ``torch.func.vmap`` call (one forward over
-    many parameter vectors), ``False`` one at a time (O(d) memory). ``"auto"`` (default) times
-    both once per model and batch shape, like the Hessian's ``matmat``, and keeps the faster: on
-    a 2-core CPU vmap measured 4x faster for a digits MLP (64 examples) and 3x slower for a
-    digits CNN with 16 channels (256 examples), where arithmetic dominates. A model vmap cannot
-    run falls back to the loop. Both give the same values up to rounding. Runs under no_grad; the
-    caller sets the modes (e.g. :func:`landscape.functional.probe_guard`).
-    """
-    out = np.empty(m, dtype=np.float64)
-    if m == 0:
-        return out
-    batches = _as_batch_list(batches)
-    key = tuple(_batch_size(b) for b in batches)
-    size = max(1, min(fm.max_batched, _POINTS_BYTES // max(1, fm.dim * fm.dtype.itemsize)))
-    if batched not in (True, False, "auto"):
-        raise ValueError(f"batched must be True, False or 'auto', got {batched!r}")
-    choice: bool | None = None if batched == "auto" else bool(batched)
-    if choice is None:
-        choice = _ROUTES.get(fm, {}).get(key)
-
-    def one(x: Tensor) -> float:
-        return float(fm.loss(x, batches))
-
-    vm = torch.func.vmap(lambda x: fm.loss(x, batches))
-    lo = 0
-    with torch.no_grad():
-        if choice is None and m > 1:
-            hi = min(m, size)
-            W = points(0, hi)
-            try:
-                vm(W)  # vmap's one-off set-up is not what we time
-                t0 = time.perf_counter()
-                fast = vm(W).double().cpu().numpy()
-                t1 = time.perf_counter()
-            except (RuntimeError, NotImplementedError, TypeError, ValueError):
-                fast = None
-            t2 = time.perf_counter()
-            slow = np.array([one(W[j]) for j in range(hi)])
-            t3 = time.perf_counter()
-            choice = fast is not None and (t1 - t0) < (t3 - t2)
-            _ROUTES.setdefault(fm, {})[key] = choice
-            out[:hi] = fast if choice else slow
-            lo = hi
-        if choice:
-            while lo < m:
-                hi = min(m, lo + size)
-                try:
-                    out[lo:hi] = vm(points(lo, hi)).double().cpu().numpy()
-                except (RuntimeError, NotImplementedError, TypeError, ValueError):
-                    if batched is True:
-                        raise
-                    _ROUTES.setdefault(fm, {})[key] = False
-                    break
-                lo = hi
-        for j in range(lo, m):
-            out[j] = one(points(j, j + 1)[0])
-    return out
-
-
 def _flat(fm: FunctionalModel, v: Any, what: str) -> Tensor:
     if not isinstance(v, Tensor):
         v = torch.as_tensor(np.asarray(v))
@@ -298,7 +229,7 @@ def losses_on_span(fm: FunctionalModel, w: Tensor, directions: Tensor, coefficie
     if C.dim() != 2 or D.dim() != 2 or C.shape[1] != D.shape[1] or D.shape[0] != fm.dim:
         raise ValueError(f"coefficients (m, r) and directions (d, r) disagree: {tuple(C.shape)} and {tuple(D.shape)}")
     w = w.detach().to(device=fm.device, dtype=fm.dtype)
-    return losses_at(fm, lambda lo, hi: w + C[lo:hi] @ D.T, C.shape[0], batches, batched=batched)
+    return fm.losses(lambda lo, hi: w + C[lo:hi] @ D.T, C.shape[0], batches, batched=batched)
 
 
 def loss_profile(fm: FunctionalModel, w: Tensor, direction: Tensor, alphas: Sequence[float] | np.ndarray,
@@ -318,6 +249,62 @@ def loss_surface(fm: FunctionalModel, w: Tensor, d1: Tensor, d2: Tensor, xs: Seq
     D = torch.stack([_flat(fm, d1, "d1"), _flat(fm, d2, "d2")], dim=1)
     C = np.stack(np.meshgrid(x, y, indexing="ij"), axis=-1).reshape(-1, 2)
     return losses_on_span(fm, w, D, C, batches, batched=batched).reshape(x.size, y.size)
+
+
+def alpha_grid(alphas: Any, *, need: Sequence[float] = ()) -> np.ndarray:
+    """Positions along a line: sorted float64, rounded to 12 decimals (so that 0.1 from one
+    linspace and from another are one label of the ``alpha`` dim, and a rounding-level zero is
+    0); at least 2, finite, no repeats, containing each of ``need``."""
+    try:
+        a = np.asarray(alphas, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise TypeError(f"alphas must be a sequence of numbers, got {alphas!r}") from None
+    if a.size < 2 or not np.all(np.isfinite(a)):
+        raise ValueError(f"alphas must hold at least 2 finite positions, got {alphas!r}")
+    a = np.sort(np.round(a, 12)) + 0.0  # + 0.0 turns -0.0 into 0.0
+    if np.any(np.diff(a) == 0):
+        raise ValueError("alphas contain a repeated value")
+    missing = [x for x in need if x not in a]
+    if missing:
+        raise ValueError(f"alphas must include {' and '.join(f'{x:g}' for x in need)} (got {a.tolist()}): the "
+                         "values are read against those points")
+    return a
+
+
+def segment_losses(fm: FunctionalModel, batches: Batch | Sequence[Batch], w1: Tensor, w2: Tensor,
+                   alphas: np.ndarray) -> np.ndarray:
+    """L((1 - a) w1 + a w2) for each a (several points per forward through vmap where faster)."""
+    d = w2 - w1
+    a = torch.as_tensor(np.asarray(alphas, dtype=np.float64), dtype=w1.dtype, device=w1.device)
+    return fm.losses(lambda lo, hi: w1 + a[lo:hi, None] * d, a.numel(), batches)
+
+
+def interpolate(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Any, start: Any, end: Any, *,
+                alphas: Any = np.linspace(0.0, 1.0, 21), tol: float = 0.0, samples: int | None = None,
+                batch_size: int | None = None, seed: int = 0) -> xr.Dataset:
+    """The loss on the segment between two points, e.g. the final iterates of two runs (one
+    linearly connected basin, or a barrier between them?), with dropout off and BN in eval mode.
+
+    ``start``/``end``: modules of ``model``'s architecture, state_dicts, checkpoint paths (loaded
+    with ``weights_only=True``) or flat parameter vectors. ``data`` as in :func:`slice_run`.
+    ``alphas`` must include 0 and 1 (values outside extrapolate). Returns ``endpoint_loss``
+    (alpha), ``endpoint_barrier``, ``endpoint_violations`` (rises above ``tol``) and
+    ``endpoint_max_rise`` (:func:`landscape.geometry.interpolation_stats`).
+    """
+    a = alpha_grid(alphas, need=(0.0, 1.0))
+    fm = FunctionalModel(model, loss_fn)
+    w1, w2 = (flat_point(p, fm) for p in (start, end))
+    batches = _slice_batches(data, samples, batch_size, seed, fm.device)
+    with probe_guard(model, "eval"):
+        losses = segment_losses(fm, batches, w1, w2, a)
+    st = interpolation_stats(a, losses, tol=tol)
+    s = {"batch_sizes": [_batch_size(b) for b in batches], "bn_mode": "eval", "tol": tol}
+    return xr.Dataset({
+        "endpoint_loss": (("alpha",), losses, attrs_for("endpoint_loss", **s)),
+        "endpoint_barrier": ((), st.barrier, attrs_for("endpoint_barrier", **s)),
+        "endpoint_violations": ((), np.int64(st.violations), attrs_for("endpoint_violations", **s)),
+        "endpoint_max_rise": ((), st.max_rise, attrs_for("endpoint_max_rise", **s)),
+    }, coords={"alpha": a})
 
 
 def grid_through_zero(lo: float, hi: float, points: int) -> np.ndarray:
@@ -544,7 +531,7 @@ def _pca_slice(fm: FunctionalModel, stored: _StoredPath, center_step: int, row: 
                          "a PCA plane needs two (record more snapshots, or slice along 'random' directions)")
     # the stored snapshots themselves: L on the actual path
     path_loss = np.concatenate([
-        losses_at(fm, lambda lo, hi, R=rows: torch.as_tensor(R[lo:hi]).to(device=fm.device, dtype=fm.dtype),
+        fm.losses(lambda lo, hi, R=rows: torch.as_tensor(R[lo:hi]).to(device=fm.device, dtype=fm.dtype),
                   rows.shape[0], batches, batched=batched)
         for _, rows in _present(factory)
     ])

@@ -13,7 +13,7 @@ import torch
 import xarray as xr
 
 from landscape.schema import step_value
-from landscape.slices import losses_on_span, pca_dataset, trajectory_pca
+from landscape.slices import alpha_grid, losses_on_span, pca_dataset, trajectory_pca
 from probes.base import Context, Measurement, Probe, positive_int, trajectory_var
 from probes.valley import DIRECTION_KINDS, StepDirections
 
@@ -47,16 +47,7 @@ class LossProfile(Probe):
                  normalization: str = "filter", bias: str = "zero", beta: float = 0.9, samples: int = 1,
                  tol: float = 1e-3, bn_mode: str = "eval", seed: int = 0) -> None:
         super().__init__(every, bn_mode=bn_mode, seed=seed)  # type: ignore[arg-type]
-        a = np.asarray(alphas, dtype=np.float64)
-        if a.ndim != 1 or a.size < 2 or not np.all(np.isfinite(a)):
-            raise ValueError(f"alphas must be a 1-D sequence of at least 2 finite numbers, got {alphas!r}")
-        a = np.sort(a)
-        a[np.abs(a) <= 1e-12 * np.abs(a).max()] = 0.0  # linspace's "zero" may be off by rounding
-        if np.any(np.diff(a) == 0):
-            raise ValueError("alphas contain a repeated value")
-        if not np.any(a == 0):
-            raise ValueError("alphas must include 0 (the profile is read relative to L(w_t)); e.g. np.linspace(-1, 1, 21)")
-        self.alphas = a
+        self.alphas = alpha_grid(alphas, need=(0.0,))
         self.samples = positive_int("samples (number of fixed probe batches)", samples)
         self.directions = StepDirections(directions, random, normalization, bias, beta, tol)  # type: ignore[arg-type]
         self.labels = self.directions.labels

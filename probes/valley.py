@@ -16,8 +16,8 @@ picture instead of reading it off a contour plot:
   (Gur-Ari et al. 2018).
 - :class:`Interpolation`: the loss on the segment between consecutive checkpoints (barrier,
   monotonicity) and, at the end, from the first checkpoint to the final iterate (monotonic linear
-  interpolation, Lucas et al. 2021); :func:`interpolate` between any two points, e.g. the final
-  iterates of two runs.
+  interpolation, Lucas et al. 2021); :func:`landscape.slices.interpolate` between any two
+  points, e.g. the final iterates of two runs.
 
 All losses are the mean over the first ``samples`` fixed probe batches, BN in ``bn_mode`` (eval
 by default), dropout off. Hessian quantities reuse HessianSpectrum's eigenvectors when it ran at
@@ -32,29 +32,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import xarray as xr
-from torch import Tensor, nn
+from torch import Tensor
 
 from landscape.directions import BiasMode, Normalization, TrajectoryDirection, check_normalization, normalized, random_direction
-from landscape.functional import Batch, FunctionalModel, HVPRoute, batch_size as _examples, draw_batches, flat_point, move_batch, probe_guard
+from landscape.functional import Batch, FunctionalModel, HVPRoute
 from landscape.geometry import exit_distance, interpolation_stats
 from landscape.schema import attrs_for, step_value
+from landscape.slices import alpha_grid, segment_losses
 from probes.base import Context, Measurement, Probe, number_in, positive_int
 from probes.curvature import top_eigenpairs
-
-
-def _alphas(alphas: Any, *, need: Sequence[float] = ()) -> np.ndarray:
-    try:
-        a = np.asarray(alphas, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise TypeError(f"alphas must be a sequence of numbers, got {alphas!r}") from None
-    # rounded so that probes sharing the `alpha` dim agree on labels such as 0.1 from linspace
-    a = np.unique(np.round(a, 12))
-    if a.size < 2 or not np.all(np.isfinite(a)):
-        raise ValueError(f"alphas must hold at least 2 finite positions, got {alphas!r}")
-    missing = [x for x in need if x not in a]
-    if missing:
-        raise ValueError(f"alphas must include {missing} (the end points the barrier is measured against)")
-    return a
 
 
 class _ValleyProbe(Probe):
@@ -384,11 +370,6 @@ class GradientOverlap(_ValleyProbe):
 
 
 # -- linear interpolation ----------------------------------------------------------------------
-def _segment(f: Callable[[Tensor], float], w1: Tensor, w2: Tensor, alphas: np.ndarray) -> np.ndarray:
-    d = w2 - w1
-    return np.array([f(w1 + float(a) * d) for a in alphas])
-
-
 class Interpolation(_ValleyProbe):
     """Loss on straight segments between checkpoints: barriers and monotonicity.
 
@@ -406,7 +387,7 @@ class Interpolation(_ValleyProbe):
     def __init__(self, every: Any = 1, *, alphas: Any = np.linspace(0.0, 1.0, 11), tol: float = 0.0, samples: int = 1,
                  bn_mode: str = "eval", seed: int = 0) -> None:
         super().__init__(every, samples=samples, bn_mode=bn_mode, seed=seed)
-        self.alphas = _alphas(alphas, need=(0.0, 1.0))
+        self.alphas = alpha_grid(alphas, need=(0.0, 1.0))
         self.tol = number_in("tol", tol, closed=True)
         self._first: Tensor | None = None
         self._prev: Tensor | None = None
@@ -425,7 +406,7 @@ class Interpolation(_ValleyProbe):
             losses = np.full(self.alphas.size, np.nan)
             barrier, violations, rise = np.nan, -1, np.nan
         else:
-            losses = _segment(_loss_fn(ctx.functional, self._batches(ctx)), prev, w, self.alphas)
+            losses = segment_losses(ctx.functional, self._batches(ctx), prev, w, self.alphas)
             st = interpolation_stats(self.alphas, losses, tol=self.tol)
             barrier, violations, rise = st.barrier, st.violations, st.max_rise
         return Measurement({
@@ -438,7 +419,7 @@ class Interpolation(_ValleyProbe):
     def finalize(self, ctx: Context) -> xr.Dataset | None:
         if self._first is None or ctx.final_params is None:
             return None
-        losses = _segment(_loss_fn(ctx.functional, self._batches(ctx)), self._first, ctx.final_params, self.alphas)
+        losses = segment_losses(ctx.functional, self._batches(ctx), self._first, ctx.final_params, self.alphas)
         st = interpolation_stats(self.alphas, losses, tol=self.tol)
         s = {**self._settings(), "tol": self.tol}
         return xr.Dataset({
@@ -450,31 +431,3 @@ class Interpolation(_ValleyProbe):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "alphas": [float(a) for a in self.alphas], "tol": self.tol}
-
-
-def interpolate(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Any, start: Any, end: Any, *,
-                alphas: Any = np.linspace(0.0, 1.0, 21), tol: float = 0.0, batches: int = 1,
-                batch_size: int | None = None, seed: int = 0) -> xr.Dataset:
-    """The loss on the segment between two points, e.g. the final iterates of two runs (are they
-    in one linearly connected basin?), on ``batches`` batches drawn from ``data`` (as the
-    recorder's ``probe_data``) with dropout off and BN in eval mode.
-
-    ``start``/``end``: modules of ``model``'s architecture, state_dicts, checkpoint paths
-    (loaded with ``weights_only=True``) or flat parameter vectors. Returns ``endpoint_loss``
-    (alpha), ``endpoint_barrier``, ``endpoint_violations``, ``endpoint_max_rise``.
-    """
-    a = _alphas(alphas, need=(0.0, 1.0))
-    fm = FunctionalModel(model, loss_fn)
-    points = [flat_point(p, fm) for p in (start, end)]
-    drawn = [move_batch(b, fm.device)
-             for b in draw_batches(data, positive_int("batches", batches), batch_size=batch_size, seed=seed)]
-    with probe_guard(model, "eval"):
-        losses = _segment(_loss_fn(fm, drawn), points[0], points[1], a)
-    st = interpolation_stats(a, losses, tol=tol)
-    s = {"batches": batches, "examples": sum(_examples(b) for b in drawn), "bn_mode": "eval", "tol": tol}
-    return xr.Dataset({
-        "endpoint_loss": (("alpha",), losses, attrs_for("endpoint_loss", **s)),
-        "endpoint_barrier": ((), st.barrier, attrs_for("endpoint_barrier", **s)),
-        "endpoint_violations": ((), np.int64(st.violations), attrs_for("endpoint_violations", **s)),
-        "endpoint_max_rise": ((), st.max_rise, attrs_for("endpoint_max_rise", **s)),
-    }, coords={"alpha": a})

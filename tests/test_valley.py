@@ -20,7 +20,7 @@ from landscape.functional import FunctionalModel
 from landscape.models import DigitsMLP
 from probes import (GradientOverlap, HessianSpectrum, Interpolation, RiverHill, StepCurvature, ValleyWidth)
 from probes.base import Context
-from probes.valley import interpolate
+from landscape.slices import interpolate
 from tests._helpers import digits, train
 
 
