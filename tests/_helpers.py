@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+import landscape
 from landscape.data import load_digits, split
 
 
@@ -47,3 +49,28 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, *, see
             if step == steps:
                 break
     return losses
+
+
+def record(store: Path | None, probes: list | None, *, model: Callable[[], torch.nn.Module], steps: int, seed: int = 0,
+           opt_cls: type[torch.optim.Optimizer] = torch.optim.SGD, **opt_kw: Any) -> tuple[torch.nn.Module, Path | None]:
+    """Train ``model()`` (seeded) with the user's loop and ``probes`` attached, recording to ``store``
+    (probe data: the digits train split in batches of 64); ``probes=None`` trains without a
+    recorder. Returns the trained model and the store path (None without a recorder)."""
+    torch.manual_seed(seed)
+    net = model()
+    opt = opt_cls(net.parameters(), **(opt_kw or {"lr": 0.1, "momentum": 0.9}))
+    (X, y), _ = digits()
+    rec = None
+    if probes is not None:
+        rec = landscape.attach(net, opt, loss_fn=F.cross_entropy, probe_data=(X, y), probe_batch_size=64, probes=probes,
+                               store=store, seed=0)
+    train(net, opt, steps, seed=seed)
+    if rec is not None:
+        rec.close()
+    return net, (rec.path if rec is not None else None)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Bitwise equal parameters and buffers: attaching probes must not change the trajectory."""
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name

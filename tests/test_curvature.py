@@ -20,15 +20,10 @@ from landscape.models import DigitsCNN, DigitsMLP, TinyTransformer
 from probes import HessianSpectrum, HessianTrace, PreconditionedSharpness, RestrictedSecant, SpectralDensity
 from probes.base import Context
 from probes.curvature import density_on_grid, preconditioner_diagonal, stability_constant
-from tests._helpers import digits, train
+from tests._helpers import assert_same_weights, digits, record
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n: int = 48, offset: int = 0, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,16 +258,9 @@ def test_stability_constants_and_bad_optimizers():
 
 
 def _record(tmp_path, probes, steps=40, name="run", seed=0, opt_cls=torch.optim.SGD, **opt_kw):
-    torch.manual_seed(seed)
-    model = DigitsCNN(channels=4)
-    opt = opt_cls(model.parameters(), **(opt_kw or {"lr": 0.05, "momentum": 0.9}))
-    (X, y), _ = digits()
-    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=(X, y), probe_batch_size=64, probes=probes,
-                           store=tmp_path / f"{name}.zarr", seed=0) if probes is not None else None
-    train(model, opt, steps, seed=seed)
-    if rec is not None:
-        rec.close()
-    return model, (landscape.open_run(tmp_path / f"{name}.zarr") if rec is not None else None)
+    model, path = record(tmp_path / f"{name}.zarr", probes, model=lambda: DigitsCNN(channels=4), steps=steps, seed=seed,
+                         opt_cls=opt_cls, **(opt_kw or {"lr": 0.05, "momentum": 0.9}))
+    return model, (landscape.open_run(path) if path is not None else None)
 
 
 @pytest.mark.slow
@@ -282,8 +270,7 @@ def test_recorded_run_has_every_variable_and_unchanged_trajectory(tmp_path):
               SpectralDensity(every=16, steps=20), PreconditionedSharpness(every=8, bn_mode="eval")]
     plain, _ = _record(tmp_path, None, name="plain")
     model, ds = _record(tmp_path, probes)
-    for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
-        assert torch.equal(a, b)  # bitwise: the probes never touch the trajectory
+    assert_same_weights(plain, model)
     assert list(ds["block"].values) == ["model", "head"]
     assert ds["eigenvalues"].dims == ("step", "block", "eig")
     measured = ds["lambda_max"].sel(block="model").dropna("step")

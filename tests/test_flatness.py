@@ -21,15 +21,10 @@ from landscape.models import DigitsMLP
 from probes.base import Context
 from probes.flatness import (DEFAULT_KINDS, KINDS, Sharpness, apgd_checkpoints, auto_pgd, average_sharpness,
                              keskar_sharpness, logit_normalized, pac_bayes_sigma, sam_sharpness, worst_sharpness)
-from tests._helpers import digits, train
+from tests._helpers import assert_same_weights, digits, record
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -524,16 +519,8 @@ def test_default_kinds_and_bad_input():
 
 
 def _record(tmp_path, probes, steps=12, name="run"):
-    torch.manual_seed(0)
-    model = DigitsMLP(hidden=12)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    (X, y), _ = digits()
-    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=(X, y), probe_batch_size=64, probes=probes,
-                           store=tmp_path / f"{name}.zarr", seed=0) if probes is not None else None
-    train(model, opt, steps)
-    if rec is not None:
-        rec.close()
-    return model, (landscape.open_run(tmp_path / f"{name}.zarr") if rec is not None else None)
+    model, path = record(tmp_path / f"{name}.zarr", probes, model=lambda: DigitsMLP(hidden=12), steps=steps)
+    return model, (landscape.open_run(path) if path is not None else None)
 
 
 def test_recorded_run_has_sharpness_by_kind_and_radius_and_unchanged_trajectory(tmp_path):
@@ -541,8 +528,7 @@ def test_recorded_run_has_sharpness_by_kind_and_radius_and_unchanged_trajectory(
     probe = Sharpness(every=5, radius=[0.05, 0.01], kinds=kinds, samples=2, noise_samples=4, apgd_steps=5, pac_bayes=True)
     plain, _ = _record(tmp_path, None, name="plain")
     model, ds = _record(tmp_path, [probe])
-    for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
-        assert torch.equal(a, b)  # bitwise: the probe never touches the trajectory
+    assert_same_weights(plain, model)
     assert ds.attrs["probe_errors"] == {}
     assert ds["sharpness"].dims == ("step", "kind", "radius")
     assert list(ds["kind"].values) == list(kinds)

@@ -35,14 +35,7 @@ from landscape.schedule import Schedule
 RTOL64 = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is as fast on an idle 2-core machine and
-    avoids a ~10x slowdown from oversubscription when anything else is running."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- shared pieces -----------------------------------------------------------------------------

@@ -19,17 +19,12 @@ from landscape.functional import FunctionalModel, probe_guard
 from landscape.models import DigitsCNN, DigitsMLP, TinyTransformer
 from probes.base import Context
 from probes.noise import GradientNoise
-from tests._helpers import digits, train
+from tests._helpers import assert_same_weights, digits, record
 
 STATS = ("grad_variance", "grad_sqnorm", "noise_scale", "grad_snr", "grad_snr_median")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n: int, offset: int = 0, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,23 +284,14 @@ def test_per_batch_needs_two_batches_and_auto_falls_back():
 
 
 def _record(tmp_path, probes, steps=12, name="run"):
-    torch.manual_seed(0)
-    model = DigitsMLP(hidden=8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    (X, y), _ = digits()
-    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=(X, y), probe_batch_size=64, probes=probes,
-                           store=tmp_path / f"{name}.zarr", seed=0) if probes is not None else None
-    train(model, opt, steps)
-    if rec is not None:
-        rec.close()
-    return model, (landscape.open_run(tmp_path / f"{name}.zarr") if rec is not None else None)
+    model, path = record(tmp_path / f"{name}.zarr", probes, model=lambda: DigitsMLP(hidden=8), steps=steps)
+    return model, (landscape.open_run(path) if path is not None else None)
 
 
 def test_recorded_run_has_the_variables_and_an_unchanged_trajectory(tmp_path):
     plain, _ = _record(tmp_path, None, name="plain")
     model, ds = _record(tmp_path, [GradientNoise(every=5, samples=2, blocks={"model": None, "head": "net.5"})])
-    for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
-        assert torch.equal(a, b)  # bitwise: the probe never touches the trajectory
+    assert_same_weights(plain, model)
     assert ds.attrs["probe_errors"] == {}
     assert list(ds["block"].values) == ["model", "head"]
     for name in STATS:

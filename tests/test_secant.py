@@ -30,13 +30,7 @@ NAMES = ("rsi", "eb", "gamma", "eta_star")
 RTOL32 = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and avoids oversubscribing 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def secant64(D: np.ndarray, Y: np.ndarray) -> dict[str, np.ndarray]:

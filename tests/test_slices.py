@@ -21,15 +21,10 @@ from landscape.slices import (grid_through_zero, loss_profile, loss_surface, pca
 from probes import RestrictedSecant
 from probes.base import Context
 from probes.slices import LossProfile, TrajectoryPCA
-from tests._helpers import digits, train
+from tests._helpers import assert_same_weights, digits, record
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _factory(rows: np.ndarray, steps: np.ndarray, sizes: list[int] | None = None):
@@ -338,18 +333,7 @@ STEPS = 20
 
 
 def _run(path, probes, steps=STEPS):
-    torch.manual_seed(0)
-    model = DigitsMLP(hidden=8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    (X, y), _ = digits()
-    rec = None
-    if probes is not None:
-        rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=(X, y), probe_batch_size=64,
-                               probes=probes, store=path, seed=0)
-    train(model, opt, steps)
-    if rec is not None:
-        rec.close()
-    return model
+    return record(path, probes, model=lambda: DigitsMLP(hidden=8), steps=steps)[0]
 
 
 @pytest.fixture(scope="module")
@@ -364,8 +348,7 @@ def recorded(tmp_path_factory):
 
 def test_recorded_run_has_profiles_the_pca_plane_and_an_unchanged_trajectory(recorded):
     path, plain, model, batches = recorded
-    for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
-        assert torch.equal(a, b)  # bitwise: the probes never touch the trajectory
+    assert_same_weights(plain, model)
     ds = landscape.open_run(path)
     assert ds.attrs["probe_errors"] == {}
     measured = [0, 5, 10, 15]

@@ -21,15 +21,10 @@ from landscape.models import DigitsMLP
 from probes import (GradientOverlap, HessianSpectrum, Interpolation, RiverHill, StepCurvature, ValleyWidth)
 from probes.base import Context
 from landscape.slices import interpolate
-from tests._helpers import digits, train
+from tests._helpers import assert_same_weights, digits, record
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Surface(nn.Module):
@@ -344,27 +339,12 @@ def test_argument_errors():
 
 # -- end to end --------------------------------------------------------------------------------
 def test_valley_probes_through_the_recorder_leave_training_unchanged(tmp_path):
-    (X, y), _ = digits()
-    probe_data = [(X[:128], y[:128])]
-
-    def run(probes):
-        torch.manual_seed(0)
-        model = DigitsMLP(hidden=12)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=probe_data, probes=probes,
-                               store=tmp_path / f"run{len(probes)}.zarr") if probes else None
-        train(model, opt, 30)
-        if rec is not None:
-            rec.close()
-        return model, rec
-
-    plain, _ = run([])
     probes = [HessianSpectrum(every=10, k=3), StepCurvature(every=10), RiverHill(every=5),
               ValleyWidth(every=10, rtol=0.05), GradientOverlap(every=10, k=3), Interpolation(every=10)]
-    model, rec = run(probes)
-    for p, q in zip(plain.parameters(), model.parameters()):
-        assert torch.equal(p, q)
-    ds = landscape.open_run(rec.path)
+    plain, _ = record(None, None, model=lambda: DigitsMLP(hidden=12), steps=30)
+    model, path = record(tmp_path / "run.zarr", probes, model=lambda: DigitsMLP(hidden=12), steps=30)
+    assert_same_weights(plain, model)
+    ds = landscape.open_run(path)
     assert ds.attrs["probe_errors"] == {}
     for name in ("floor_curvature", "floor_curvature_secant", "valley_anisotropy", "hill_height", "floor_progress",
                  "valley_width", "valley_width_anisotropy", "gradient_overlap", "gradient_overlap_probe",
