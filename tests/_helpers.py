@@ -10,6 +10,14 @@ import torch.nn.functional as F
 
 import landscape
 from landscape.data import load_digits, split
+from landscape.models import DigitsCNN, DigitsMLP, TinyTransformer
+
+# small versions of the reference models: an MLP, a CNN with BatchNorm, a transformer (LayerNorm, attention)
+SMALL_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
+    "mlp": lambda: DigitsMLP(hidden=8),
+    "cnn": lambda: DigitsCNN(channels=3),
+    "transformer": lambda: TinyTransformer(width=8, heads=2),
+}
 
 
 @lru_cache(maxsize=1)

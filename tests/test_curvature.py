@@ -16,11 +16,11 @@ from torch import nn
 
 import landscape
 from landscape.functional import FunctionalModel, probe_guard, resolve_blocks, second_order_kernels
-from landscape.models import DigitsCNN, DigitsMLP, TinyTransformer
+from landscape.models import DigitsCNN, DigitsMLP
 from probes import HessianSpectrum, HessianTrace, PreconditionedSharpness, RestrictedSecant, SpectralDensity
 from probes.base import Context
 from probes.curvature import density_on_grid, preconditioner_diagonal, stability_constant
-from tests._helpers import assert_same_weights, digits, record
+from tests._helpers import SMALL_MODELS, assert_same_weights, digits, record
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,11 +60,7 @@ def _measure(probe, model, opt, batches, **kw):
     return {k: np.asarray(v.data) for k, v in out.values.items()}, ctx
 
 
-MODELS = {
-    "mlp": lambda: DigitsMLP(hidden=8),
-    "cnn": lambda: DigitsCNN(channels=3),
-    "transformer": lambda: TinyTransformer(width=8, heads=2),
-}
+MODELS = SMALL_MODELS
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

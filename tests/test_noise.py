@@ -16,10 +16,10 @@ from torch import nn
 
 import landscape
 from landscape.functional import FunctionalModel, probe_guard
-from landscape.models import DigitsCNN, DigitsMLP, TinyTransformer
+from landscape.models import DigitsCNN, DigitsMLP
 from probes.base import Context
 from probes.noise import GradientNoise
-from tests._helpers import assert_same_weights, digits, record
+from tests._helpers import SMALL_MODELS, assert_same_weights, digits, record
 
 STATS = ("grad_variance", "grad_sqnorm", "noise_scale", "grad_snr", "grad_snr_median")
 
@@ -63,11 +63,7 @@ def _numpy_stats(m: np.ndarray, v: np.ndarray, n: int) -> dict[str, float]:
             "grad_snr": ratio.mean(), "grad_snr_median": np.median(ratio)}
 
 
-MODELS = {
-    "mlp": lambda: DigitsMLP(hidden=8),
-    "cnn": lambda: DigitsCNN(channels=3),
-    "transformer": lambda: TinyTransformer(width=8, heads=2),
-}
+MODELS = SMALL_MODELS
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
