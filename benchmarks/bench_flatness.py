@@ -55,9 +55,9 @@ GAP = 10     # steps between the warm-up measurement and the timed ones
 # name -> (probe factory, what it measures)
 PROBES: dict[str, tuple[Callable[[], Any], str]] = {
     "sharpness_average": (lambda: Sharpness(kinds=("average",)), "average-case, 16 antithetic pairs of Gaussian draws (32 forward passes)"),
-    "sharpness_average_adaptive": (lambda: Sharpness(kinds=("average_adaptive",)), "average-case, c = |w|"),
-    "sharpness_worst_l2_adaptive": (lambda: Sharpness(kinds=("worst_l2_adaptive",)), "worst-case l2, c = |w|, Auto-PGD 20 steps"),
-    "sharpness_worst_linf_adaptive": (lambda: Sharpness(kinds=("worst_linf_adaptive",)), "worst-case linf, c = |w|, Auto-PGD 20 steps"),
+    "sharpness_average_adaptive": (lambda: Sharpness(kinds=("average_adaptive",)), "average-case, c = abs(w)"),
+    "sharpness_worst_l2_adaptive": (lambda: Sharpness(kinds=("worst_l2_adaptive",)), "worst-case l2, c = abs(w), Auto-PGD 20 steps"),
+    "sharpness_worst_linf_adaptive": (lambda: Sharpness(kinds=("worst_linf_adaptive",)), "worst-case linf, c = abs(w), Auto-PGD 20 steps"),
     "sharpness_sam": (lambda: Sharpness(kinds=("sam",)), "one-step SAM, rho = 0.05"),
     "sharpness_asam": (lambda: Sharpness(kinds=("asam",)), "one-step ASAM, rho = 0.05"),
     "sharpness_default": (lambda: Sharpness(), "Sharpness() defaults"),

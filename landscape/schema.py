@@ -144,7 +144,7 @@ VARIABLES: dict[str, VarSpec] = {
     "sharpness_base_loss": VarSpec(("step",), "loss at w (sharpness batches)", "1", "Sharpness",
                                    "mean loss L(w) over the probe batches the sharpness is measured on"),
     "pac_bayes_sigma": VarSpec(("perturbation",), "PAC-Bayes sigma", "1", "Sharpness",
-                               "largest sigma with |E_u acc(w + u) - acc(w)| <= deviation at the final iterate (bisection); "
+                               "largest sigma with |E_u m(w + u) - m(w)| <= deviation at the final iterate (bisection; m: accuracy or loss, attrs metric); "
                                "isotropic u ~ N(0, sigma^2), magnitude u_i ~ N(0, sigma^2 w_i^2 + eps^2)"),
     "pac_bayes_flatness": VarSpec(("perturbation",), "PAC-Bayes flatness 1/sigma^2", "1", "Sharpness",
                                   "1 / pac_bayes_sigma^2 (Jiang et al. 2020): larger = sharper"),
@@ -196,15 +196,15 @@ VARIABLES: dict[str, VarSpec] = {
     "pca_explained_variance": VarSpec(("component",), "explained variance ratio", "1", "TrajectoryPCA",
                                       "share of the variance of w_t - w_T along each principal direction of the recorded path"),
     "path_coordinates": VarSpec(("step", "component"), "path in the PCA plane", "1", "TrajectoryPCA",
-                                "<w_t - w_T, pc_i> with unit principal directions"),
+                                "<w_t - w_c, pc_i> with unit principal directions; w_c = w_T (TrajectoryPCA) or the snapshot at attrs center_step (slice_run)"),
     "path_residual": VarSpec(("step",), "off-plane residual", "1", "TrajectoryPCA",
-                             "|w_t - w_T - projection on the PCA plane|: how far the path is from the plotted plane"),
+                             "|w_t - w_c - projection on the PCA plane|: how far the path is from the plotted plane"),
     "path_loss": VarSpec(("step",), "loss on the actual path", "1", "TrajectoryPCA",
                          "L(w_t) on the probe batches, measured during training (not read off the plane)"),
     "plane_loss": VarSpec(("step",), "loss at the path's projection on the plane", "1", "TrajectoryPCA",
-                          "L(w_T + x pc_1 + y pc_2) at the projected point: what the contour plot shows for step t"),
+                          "L(w_c + x pc_1 + y pc_2) at the projected point: what the contour plot shows for step t"),
     "surface_loss": VarSpec(("x", "y"), "loss on the PCA plane", "1", "TrajectoryPCA",
-                            "L(w_T + x pc_1 + y pc_2) on a grid covering the projected path"),
+                            "L(w_c + x d_1 + y d_2) on a grid: the PCA plane around w_T (TrajectoryPCA) or any plane around a stored snapshot (slice_run)"),
     # GradientNoise (REFERENCE.md §5)
     "noise_scale": VarSpec(("step", "block"), "gradient noise scale B_simple", "1", "GradientNoise",
                            "tr(Sigma) / |G|^2 (McCandlish et al. 2018), Sigma the per-example gradient covariance; "
