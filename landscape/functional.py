@@ -269,7 +269,7 @@ class FunctionalModel:
 
     def loss(self, w: Tensor, batches: Batch | Sequence[Batch]) -> Tensor:
         """Example-weighted mean loss at ``w`` over one batch or a list of batches."""
-        batches = _as_batch_list(batches)
+        batches = as_batch_list(batches)
         total = sum(batch_size(b) for b in batches)
         return sum(self._forward_loss(w, b) * (batch_size(b) / total) for b in batches)  # type: ignore[return-value]
 
@@ -352,7 +352,7 @@ class FunctionalModel:
         out = np.empty(m, dtype=np.float64)
         if m == 0:
             return out
-        batches = _as_batch_list(batches)
+        batches = as_batch_list(batches)
         key = ("losses", tuple(batch_size(b) for b in batches))
         size = max(1, min(self.max_batched, _POINTS_BYTES // max(1, self.dim * self.dtype.itemsize)))
         choice: bool | None = self._batching.get(key) if batched == "auto" else bool(batched)
@@ -410,10 +410,13 @@ class FunctionalModel:
         return self.hessian_operator(w, batches, route).matvec(v)
 
 
-def _as_batch_list(batches: Batch | Sequence[Batch]) -> list[Batch]:
-    if isinstance(batches, (tuple, list)) and batches and isinstance(batches[0], (tuple, list)):
+def as_batch_list(batches: Batch | Sequence[Batch]) -> list[Batch]:
+    """One ``(inputs..., target)`` batch or a sequence of them, as a list of batches."""
+    if not isinstance(batches, (tuple, list)) or not batches:
+        raise ValueError("batches must be one (inputs..., target) batch or a non-empty list of them")
+    if isinstance(batches[0], (tuple, list)):
         return list(batches)  # a sequence of batches
-    return [batches]  # type: ignore[list-item]
+    return [tuple(batches)]
 
 
 @contextlib.contextmanager
@@ -459,7 +462,7 @@ class HessianOperator:
             raise ValueError(f"route must be 'auto', 'double_backward' or 'fwd_rev', got {route!r}")
         self.fm = fm
         self.w = w.detach()
-        self.batches = _as_batch_list(batches)
+        self.batches = as_batch_list(batches)
         self.route = "double_backward" if route == "auto" else route
         self.shape = (fm.dim, fm.dim)
         self.dtype = w.dtype

@@ -63,7 +63,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from landscape.directions import adaptive_scale
-from landscape.functional import Batch, FunctionalModel, batch_size
+from landscape.functional import Batch, FunctionalModel, as_batch_list, batch_size
 from landscape.schema import attrs_for, step_value
 from probes.base import Context, Measurement, Probe, positive_int
 
@@ -85,14 +85,6 @@ Metric = Literal["accuracy", "loss"]
 
 
 # -- small helpers ----------------------------------------------------------------------------
-
-
-def _batch_list(batches: Batch | Sequence[Batch]) -> list[Batch]:
-    if isinstance(batches, (tuple, list)) and batches and isinstance(batches[0], (tuple, list)):
-        return list(batches)
-    if isinstance(batches, (tuple, list)) and batches:
-        return [tuple(batches)]
-    raise ValueError("batches must be one (inputs..., target) batch or a non-empty list of them")
 
 
 def _radius(value: Any, name: str = "radius") -> float:
@@ -282,7 +274,7 @@ def average_sharpness(fm: FunctionalModel, w: Tensor, batches: Batch | Sequence[
     radius = _radius(radius)
     n = positive_int("noise_samples", noise_samples, 1)
     generator = _check_gen(generator)
-    bl = _batch_list(batches)
+    bl = as_batch_list(batches)
     base = _loss(fm, w, bl) if base_loss is None else float(base_loss)
     scale = radius * (w.abs() if adaptive else torch.ones_like(w))
     # one seed per draw from the caller's generator, each draw made when its points are due:
@@ -314,7 +306,7 @@ def worst_sharpness(fm: FunctionalModel, w: Tensor, batch: Batch | Sequence[Batc
     as one set. Costs ``steps`` gradients and 1 forward pass.
     """
     w = _check_w(fm, w)
-    bl = _batch_list(batch)
+    bl = as_batch_list(batch)
     base = _loss(fm, w, bl) if base_loss is None else float(base_loss)
     return _worst(fm, w, bl, _radius(radius), w.abs() if adaptive else None, _norm(p),
                   positive_int("steps (Auto-PGD iterations)", steps, 1), _check_gen(generator), base)
@@ -342,7 +334,7 @@ def sam_sharpness(fm: FunctionalModel, w: Tensor, batches: Batch | Sequence[Batc
     ``batches`` (one set); 0 where g (or T g) vanishes. Costs 1 gradient and 1 forward pass.
     """
     w = _check_w(fm, w)
-    bl = _batch_list(batches)
+    bl = as_batch_list(batches)
     value, grad = fm.loss_and_grad(w, bl)
     return _sam(fm, w, bl, _radius(radius), adaptive, _eta0(eta0), grad, float(value.double()))
 
@@ -355,7 +347,7 @@ def keskar_sharpness(fm: FunctionalModel, w: Tensor, batch: Batch | Sequence[Bat
     Costs ``steps`` gradients and 1 forward pass.
     """
     w = _check_w(fm, w)
-    bl = _batch_list(batch)
+    bl = as_batch_list(batch)
     base = _loss(fm, w, bl) if base_loss is None else float(base_loss)
     rise = _worst(fm, w, bl, _radius(radius), w.abs() + 1.0, "inf",
                   positive_int("steps (Auto-PGD iterations)", steps, 1), _check_gen(generator), base)
@@ -399,7 +391,7 @@ def pac_bayes_sigma(fm: FunctionalModel, w: Tensor, batches: Batch | Sequence[Ba
     (1 + depth) ``noise_samples`` + 1 evaluations of the metric.
     """
     w = _check_w(fm, w)
-    bl = _batch_list(batches)
+    bl = as_batch_list(batches)
     if metric not in ("accuracy", "loss"):
         raise ValueError(f"metric must be 'accuracy' (Jiang et al.) or 'loss', got {metric!r}")
     deviation = _radius(deviation, "deviation")
