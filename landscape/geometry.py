@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence
 
 import numpy as np
 
@@ -21,32 +21,21 @@ class WidthResult:
     evaluations: int
 
 
-def exit_distance(phi: Callable[[float], float], tau: float, *, t0: float = 1.0, rtol: float = 1e-3,
-                  max_doublings: int = 40, max_halvings: int = 60) -> WidthResult:
-    """How far the ray t -> phi(t) (phi(0) = 0) stays at or below ``tau``: the first crossing of
-    the level, found by doubling (or halving) from ``t0`` to bracket it, then bisection until
-    the bracket is within ``rtol`` relative. For a profile that rises monotonically (a valley
-    wall) this is sup{t >= 0: phi(t) <= tau}; a non-finite phi counts as above the level.
-    """
-    if not (tau > 0 and math.isfinite(tau)):
-        raise ValueError(f"tau (the loss increase that defines the valley) must be a positive number, got {tau!r}")
-    if not (t0 > 0 and math.isfinite(t0)):
-        raise ValueError(f"t0 must be a positive number, got {t0!r}")
-    if not 0 < rtol < 1:
-        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+def _exit_search(tau: float, t0: float, rtol: float, max_doublings: int, max_halvings: int
+                 ) -> Generator[float, float, WidthResult]:
+    """The search of :func:`exit_distance` as a generator: yields the next t, receives phi(t)."""
     evals = 0
 
-    def below(t: float) -> bool:
-        nonlocal evals
-        evals += 1
-        v = phi(t)
+    def below(v: float) -> bool:
         return bool(math.isfinite(v) and v <= tau)
 
-    if below(t0):
+    evals += 1
+    if below((yield t0)):
         lo, hi = t0, math.inf
         for _ in range(max_doublings):
             t = 2 * lo
-            if below(t):
+            evals += 1
+            if below((yield t)):
                 lo = t
             else:
                 hi = t
@@ -57,7 +46,8 @@ def exit_distance(phi: Callable[[float], float], tau: float, *, t0: float = 1.0,
         lo, hi = 0.0, t0
         for _ in range(max_halvings):
             t = hi / 2
-            if below(t):
+            evals += 1
+            if below((yield t)):
                 lo = t
                 break
             hi = t
@@ -65,11 +55,62 @@ def exit_distance(phi: Callable[[float], float], tau: float, *, t0: float = 1.0,
             return WidthResult(0.0, 0.0, hi, evals)
     while hi - lo > rtol * hi:
         mid = 0.5 * (lo + hi)
-        if below(mid):
+        evals += 1
+        if below((yield mid)):
             lo = mid
         else:
             hi = mid
     return WidthResult(0.5 * (lo + hi), lo, hi, evals)
+
+
+def _check_search(tau: float, t0: float, rtol: float) -> None:
+    if not (tau > 0 and math.isfinite(tau)):
+        raise ValueError(f"tau (the loss increase that defines the valley) must be a positive number, got {tau!r}")
+    if not (t0 > 0 and math.isfinite(t0)):
+        raise ValueError(f"t0 must be a positive number, got {t0!r}")
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+
+
+def exit_distance(phi: Callable[[float], float], tau: float, *, t0: float = 1.0, rtol: float = 1e-3,
+                  max_doublings: int = 40, max_halvings: int = 60) -> WidthResult:
+    """How far the ray t -> phi(t) (phi(0) = 0) stays at or below ``tau``: the first crossing of
+    the level, found by doubling (or halving) from ``t0`` to bracket it, then bisection until
+    the bracket is within ``rtol`` relative. For a profile that rises monotonically (a valley
+    wall) this is sup{t >= 0: phi(t) <= tau}; a non-finite phi counts as above the level.
+    """
+    return exit_distances(lambda queries: [phi(t) for _, t in queries], 1, tau, t0=t0, rtol=rtol,
+                          max_doublings=max_doublings, max_halvings=max_halvings)[0]
+
+
+def exit_distances(phis: Callable[[list[tuple[int, float]]], Sequence[float]], rays: int, tau: float, *,
+                   t0: float | Sequence[float] = 1.0, rtol: float = 1e-3, max_doublings: int = 40,
+                   max_halvings: int = 60) -> list[WidthResult]:
+    """:func:`exit_distance` along ``rays`` rays at once, in lockstep: each round asks
+    ``phis([(ray, t), ...])`` for one value per unfinished ray, so a caller can evaluate them
+    together (e.g. several parameter vectors in one vmapped forward). Same results as one search
+    per ray."""
+    t0s = [float(t0)] * rays if isinstance(t0, (int, float)) else [float(t) for t in t0]
+    if len(t0s) != rays:
+        raise ValueError(f"t0 must be one number or one per ray ({rays}), got {len(t0s)}")
+    for t in t0s:
+        _check_search(tau, t, rtol)
+    searches = [_exit_search(tau, t, rtol, max_doublings, max_halvings) for t in t0s]
+    results: list[WidthResult | None] = [None] * rays
+    asks = {i: next(s) for i, s in enumerate(searches)}
+    while asks:
+        queries = list(asks.items())
+        values = list(phis(queries))
+        if len(values) != len(queries):
+            raise ValueError(f"phis returned {len(values)} values for {len(queries)} queries")
+        asks = {}
+        for (i, _), v in zip(queries, values):
+            try:
+                asks[i] = searches[i].send(float(v))
+            except StopIteration as stop:
+                results[i] = stop.value
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
 
 
 @dataclass

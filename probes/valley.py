@@ -36,7 +36,7 @@ from torch import Tensor
 
 from landscape.directions import BiasMode, Normalization, TrajectoryDirection, check_normalization, normalized, random_direction
 from landscape.functional import Batch, FunctionalModel, HVPRoute
-from landscape.geometry import exit_distance, interpolation_stats
+from landscape.geometry import exit_distances, interpolation_stats
 from landscape.schema import attrs_for, step_value
 from landscape.slices import alpha_grid, segment_losses
 from probes.base import Context, Measurement, Probe, number_in, positive_int
@@ -262,7 +262,8 @@ class ValleyWidth(_ValleyProbe):
     """Directional valley width W_tau(d) = t+ + t-, t+- = sup{t >= 0: L(w +- t d) - L(w) <= tau}.
 
     Each side is bracketed by doubling (or halving) from ``t0`` and then bisected until the
-    bracket is within ``rtol`` (:func:`landscape.geometry.exit_distance`; the first exit from the
+    bracket is within ``rtol`` (:func:`landscape.geometry.exit_distances`, all sides in lockstep so
+    their points are evaluated together; the first exit from the
     sublevel set). Directions: ``trajectory`` (the EMA-smoothed displacement, see
     :class:`landscape.directions.TrajectoryDirection`: the river), ``eigenvector`` (the top
     Hessian eigenvector: the wall), ``random`` (``random`` Gaussian directions, drawn per
@@ -293,17 +294,21 @@ class ValleyWidth(_ValleyProbe):
     def measure(self, ctx: Context) -> Measurement:
         assert ctx.params is not None
         w = ctx.params
-        f = _loss_fn(ctx.functional, self._batches(ctx))
-        base = f(w)
+        batches = self._batches(ctx)
+        base = _loss_fn(ctx.functional, batches)(w)
         t0 = self.t0 if self.t0 is not None else (1.0 if self.directions.normalization != "unit" else
                                                    max(1e-3, 0.01 * float(torch.linalg.vector_norm(w))))
         plus, minus = np.full(len(self.labels), np.nan), np.full(len(self.labels), np.nan)
-        for i, (label, d) in enumerate(self.directions.at(ctx, self, samples=self.samples).items()):
-            if d is None:
-                continue
-            for sign, out in ((1.0, plus), (-1.0, minus)):
-                res = exit_distance(lambda t: f(w + (sign * t) * d) - base, self.tau, t0=t0, rtol=self.rtol)
-                out[i] = res.t
+        dirs = self.directions.at(ctx, self, samples=self.samples)
+        rays = [(i, sign, d) for i, d in enumerate(dirs.values()) if d is not None for sign in (1.0, -1.0)]
+
+        def phis(queries: list[tuple[int, float]]) -> np.ndarray:
+            # every unfinished side's next point in one call: several per forward through vmap where faster
+            points = [w + (rays[r][1] * t) * rays[r][2] for r, t in queries]
+            return ctx.functional.losses(lambda lo, hi: torch.stack(points[lo:hi]), len(points), batches) - base
+
+        for (i, sign, _), res in zip(rays, exit_distances(phis, len(rays), self.tau, t0=t0, rtol=self.rtol)):
+            (plus if sign > 0 else minus)[i] = res.t
         width = plus + minus
         s = {**self._settings(), "tau": self.tau, **self.directions.settings(), "rtol": self.rtol, "seed": self.seed}
         out = {

@@ -16,7 +16,7 @@ from torch import nn
 from landscape.directions import (TrajectoryDirection, adaptive_scale, filter_normalized, normalized, random_direction,
                                   unit)
 from landscape.functional import ParamLayout, trainable_parameters
-from landscape.geometry import exit_distance, interpolation_stats
+from landscape.geometry import exit_distance, exit_distances, interpolation_stats
 
 
 def _mlp() -> nn.Module:
@@ -178,3 +178,25 @@ def test_interpolation_stats_closed_forms():
         interpolation_stats([0.1, 0.5], [1.0, 2.0])
     with pytest.raises(ValueError, match="increasing"):
         interpolation_stats([0.0, 1.0, 0.5], [1.0, 2.0, 3.0])
+
+
+def test_exit_distances_in_lockstep_equal_one_search_per_ray():
+    """Several rays searched together give each ray's own result, with one query per unfinished
+    ray per round (what lets a caller batch the evaluations)."""
+    curvatures = [0.5, 3.0, 40.0, 0.0]  # the last never leaves the level: inf
+    profiles = [lambda t, a=a: a * t * t for a in curvatures]
+    rounds: list[int] = []
+
+    def phis(queries):
+        rounds.append(len(queries))
+        assert len({ray for ray, _ in queries}) == len(queries)
+        return [profiles[ray](t) for ray, t in queries]
+
+    together = exit_distances(phis, 4, 0.2, t0=[1.0, 1.0, 1e-3, 1.0], rtol=1e-6, max_doublings=20)
+    for ray, res in enumerate(together):
+        alone = exit_distance(profiles[ray], 0.2, t0=[1.0, 1.0, 1e-3, 1.0][ray], rtol=1e-6, max_doublings=20)
+        assert (res.t, res.lo, res.hi, res.evaluations) == (alone.t, alone.lo, alone.hi, alone.evaluations)
+    assert math.isinf(together[3].t)
+    assert sum(rounds) == sum(r.evaluations for r in together) and max(rounds) == 4
+    with pytest.raises(ValueError, match="one per ray"):
+        exit_distances(phis, 2, 0.2, t0=[1.0])
