@@ -1,4 +1,4 @@
-"""Command line: ``landscape demo``, ``landscape info PATH``."""
+"""Command line: ``landscape demo``, ``landscape info PATH``, ``landscape report RUNS... -o report.html``."""
 from __future__ import annotations
 
 import argparse
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``landscape`` command."""
     parser = argparse.ArgumentParser(prog="landscape", description="Loss-landscape geometry along training runs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train a CNN on the bundled digits with SGD and Adam (3 seeds), recording RSI/EB, Hessian curvature, sharpness and valleys")
+    d = sub.add_parser("demo", help="train a CNN on the bundled digits with SGD and Adam (3 seeds), recording RSI/EB, Hessian curvature, sharpness and valleys; writes <out>/report.html")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the run stores (default runs/demo)")
     d.add_argument("--seeds", type=int, default=3, help="seeds per optimizer (default 3)")
     d.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
@@ -60,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     i = sub.add_parser("info", help="summarise a run store")
     i.add_argument("path", type=Path, nargs="?")
     i.add_argument("--schema", action="store_true", help="print the documented schema instead")
+    r = sub.add_parser("report", help="write one self-contained HTML page (works offline) with the figures of runs")
+    r.add_argument("runs", nargs="+", metavar="RUNS", help="run stores or globs, e.g. 'runs/demo/*.zarr'")
+    r.add_argument("-o", "--out", type=Path, default=Path("report.html"), help="the HTML file to write (default report.html)")
+    r.add_argument("--title", default=None, help="page title (default: the runs and their optimizers)")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -83,6 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_info(args.path))
         except StoreError as exc:
             print(f"landscape info: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "report":
+        from landscape.report import write_report
+        from landscape.store import StoreError
+
+        try:
+            print(write_report(args.runs, args.out, title=args.title))
+        except StoreError as exc:
+            print(f"landscape report: {exc}", file=sys.stderr)
             return 2
         return 0
     return 1  # pragma: no cover

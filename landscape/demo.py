@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 import landscape
 from landscape.data import load_digits, split
 from landscape.models import DigitsCNN
-from probes import (HessianSpectrum, HessianTrace, Interpolation, PreconditionedSharpness, RestrictedSecant, Sharpness,
-                    StepCurvature, ValleyWidth)
+from probes import (HessianSpectrum, HessianTrace, Interpolation, LossProfile, PreconditionedSharpness, RestrictedSecant,
+                    Sharpness, SpectralDensity, StepCurvature, TrajectoryPCA, ValleyWidth)
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4),
@@ -51,7 +51,10 @@ def demo_probes(cfg: DemoConfig) -> list:
             StepCurvature(every=cfg.curvature_every),
             Sharpness(every=cfg.flatness_every, radius=0.05),
             ValleyWidth(every=cfg.flatness_every, tau=0.1),
-            Interpolation(every=cfg.flatness_every)]
+            Interpolation(every=cfg.flatness_every),
+            SpectralDensity(every=cfg.flatness_every, steps=40),
+            LossProfile(every=cfg.flatness_every),
+            TrajectoryPCA(every=cfg.every, grid=21)]
 
 
 def train_one(name: str, seed: int, cfg: DemoConfig, data: tuple, bar: Any = None) -> Path:
@@ -203,7 +206,7 @@ def flatness_table(paths: list[Path]) -> str:
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> list[Path]:
-    """Train every (optimizer, seed), print the table, return the store paths."""
+    """Train every (optimizer, seed), print the tables, write ``<out>/report.html``, return the store paths."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     X, y = load_digits()
     data = split(X, y, 0.8, seed=0)
@@ -232,4 +235,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> list[Path]:
           "trajectory direction (river) and the top Hessian eigenvector (wall), unit directions; every "
           f"{cfg.curvature_every} steps the curvature u'Hu along the step taken.")
     print(f"Open one run: landscape.open_run('{paths[0]}'); all: landscape.open_runs('{cfg.out}/*.zarr')")
+    from landscape.report import write_report  # plotly: only when the demo gets this far
+
+    print(f"Report (open in a browser, works offline): {write_report(paths, cfg.out / 'report.html')}")
     return paths

@@ -60,10 +60,11 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, *, see
 
 
 def record(store: Path | None, probes: list | None, *, model: Callable[[], torch.nn.Module], steps: int, seed: int = 0,
-           opt_cls: type[torch.optim.Optimizer] = torch.optim.SGD, **opt_kw: Any) -> tuple[torch.nn.Module, Path | None]:
+           opt_cls: type[torch.optim.Optimizer] = torch.optim.SGD, run: dict[str, Any] | None = None,
+           **opt_kw: Any) -> tuple[torch.nn.Module, Path | None]:
     """Train ``model()`` (seeded) with the user's loop and ``probes`` attached, recording to ``store``
-    (probe data: the digits train split in batches of 64); ``probes=None`` trains without a
-    recorder. Returns the trained model and the store path (None without a recorder)."""
+    (probe data: the digits train split in batches of 64; ``run``: the run's metadata, e.g.
+    {"optimizer": "sgd", "seed": 0}); ``probes=None`` trains without a recorder. Returns the trained model and the store path (None without a recorder)."""
     torch.manual_seed(seed)
     net = model()
     opt = opt_cls(net.parameters(), **(opt_kw or {"lr": 0.1, "momentum": 0.9}))
@@ -71,7 +72,7 @@ def record(store: Path | None, probes: list | None, *, model: Callable[[], torch
     rec = None
     if probes is not None:
         rec = landscape.attach(net, opt, loss_fn=F.cross_entropy, probe_data=(X, y), probe_batch_size=64, probes=probes,
-                               store=store, seed=0)
+                               store=store, seed=0, run=run)
     train(net, opt, steps, seed=seed)
     if rec is not None:
         rec.close()
