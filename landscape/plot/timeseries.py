@@ -117,6 +117,22 @@ def _collect(ds: xr.Dataset, da: xr.DataArray, band: tuple[float, float] | None)
     return out
 
 
+def _step_series(ds: xr.Dataset, var: str, figure: str, band: tuple[float, float] | None,
+                 sel: Mapping[str, Any] | None = None) -> tuple[xr.DataArray, list[_Series], tuple[float, float] | None]:
+    """What every over-time figure starts with: ``var`` checked, reduced to (run, step, sample)
+    and split into per-run series at its measured steps."""
+    require(ds, [var], figure)
+    band = _check_band(band)
+    if "step" not in ds[var].dims:
+        raise ValueError(f"{var!r} has no step dim (dims {list(ds[var].dims)}): it is not a series over time; "
+                         "compare it across runs with plot.compare")
+    da = _select(ds[var], sel, ("run", "step", "sample"), var).load()
+    series = _collect(ds, da, band)
+    if not series:
+        raise ValueError(f"{var!r} has no finite value at any step in this dataset")
+    return da, series, band
+
+
 def _check_band(band: tuple[float, float] | None) -> tuple[float, float] | None:
     if band is None:
         return None
@@ -209,16 +225,8 @@ def over_time(ds: xr.Dataset, var: str, *, sel: Mapping[str, Any] | None = None,
     ``model``, needs none. ``logy=None``: log y when every value is positive and they span more
     than two decades.
     """
-    require(ds, [var], "over_time")
-    band = _check_band(band)
+    da, series, band = _step_series(ds, var, "over_time", band, sel)
     raw = ds[var]
-    if "step" not in raw.dims:
-        raise ValueError(f"{var!r} has no step dim (dims {list(raw.dims)}): it is not a series over time; "
-                         "compare it across runs with plot.compare")
-    da = _select(raw, sel, ("run", "step", "sample"), var).load()
-    series = _collect(ds, da, band)
-    if not series:
-        raise ValueError(f"{var!r} has no finite value at any step in this dataset")
     logy = _auto_log(_values(series)) if logy is None else bool(logy)
     fig = go.Figure()
     _draw(fig, series, optimizers(ds), _what(raw, "sample" in da.dims), logy=logy, band=band, legend=_Legend())
@@ -236,12 +244,7 @@ def gamma(ds: xr.Dataset, *, variant: str = "", band: tuple[float, float] | None
     variant), with the random-direction null band ``gamma_null`` shaded (one band when the runs
     share it, else one per distinct band) and a zero line. Linear y."""
     name = f"gamma{variant}"
-    require(ds, [name], "gamma")
-    band = _check_band(band)
-    da = _select(ds[name], None, ("run", "step", "sample"), name).load()
-    series = _collect(ds, da, band)
-    if not series:
-        raise ValueError(f"{name!r} has no finite value at any step in this dataset")
+    da, series, band = _step_series(ds, name, "gamma", band)
     fig = go.Figure()
     if "gamma_null" in ds.variables:
         x0 = min(float(s.steps.min()) for s in series)
@@ -274,12 +277,7 @@ def eta_star(ds: xr.Dataset, *, variant: str = "", band: tuple[float, float] | N
     colour. Log y unless a median or the learning rate is <= 0 (``logy`` forces it; band edges
     <= 0 then run to the bottom of the axis)."""
     name = f"eta_star{variant}"
-    require(ds, [name], "eta_star")
-    band = _check_band(band)
-    da = _select(ds[name], None, ("run", "step", "sample"), name).load()
-    series = _collect(ds, da, band)
-    if not series:
-        raise ValueError(f"{name!r} has no finite value at any step in this dataset")
+    da, series, band = _step_series(ds, name, "eta_star", band)
     lr = _collect(ds, ds["lr"].load(), None) if "lr" in ds.variables else []
     if logy is None:
         lines = np.concatenate([_values(series, lines_only=True), _values(lr)])
