@@ -9,7 +9,6 @@ bad figure never costs the whole report.
 from __future__ import annotations
 
 import datetime as _dt
-import glob as _glob
 import html
 import json
 import os
@@ -25,7 +24,7 @@ import xarray as xr
 import landscape
 from landscape import plot
 from landscape.plot._style import runs as _runs
-from landscape.store import StoreError, open_run, open_runs
+from landscape.store import expand_runs, open_run, open_runs
 
 RunsArg = str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | xr.Dataset
 
@@ -194,28 +193,6 @@ FAMILIES: tuple[Family, ...] = (
 
 # -- the runs --------------------------------------------------------------------------------------
 
-def _expand(items: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Store paths, each item a path or a glob, in order and without repeats."""
-    out: list[Path] = []
-    for item in items:
-        text = os.fspath(item)
-        if Path(text).exists():
-            found = [text]
-        elif _glob.has_magic(text):
-            found = sorted(_glob.glob(text))
-            if not found:
-                raise StoreError(f"no run store matches {text!r}")
-        else:
-            raise StoreError(f"{text!r} does not exist: pass run stores (e.g. runs/demo/sgd-0.zarr) or a glob "
-                             "(e.g. 'runs/demo/*.zarr')")
-        for p in found:
-            if Path(p) not in out:
-                out.append(Path(p))
-    if not out:
-        raise StoreError("no run stores given: pass store paths or a glob")
-    return out
-
-
 def _load(runs: RunsArg) -> tuple[xr.Dataset, list[dict[str, Any]]]:
     """The dataset to draw (loaded into memory) and each run's attrs for the metadata table."""
     if isinstance(runs, xr.Dataset):
@@ -225,9 +202,7 @@ def _load(runs: RunsArg) -> tuple[xr.Dataset, list[dict[str, Any]]]:
         else:
             metas = [dict(ds.attrs)]
         return ds.load(), metas
-    if isinstance(runs, (str, os.PathLike)):
-        runs = [runs]
-    paths = _expand(runs)
+    paths = expand_runs(runs)
     metas = []
     for p in paths:
         meta = dict(open_run(p).attrs)

@@ -708,15 +708,25 @@ def open_trajectory(path: str | os.PathLike[str], *, chunks: Any = None) -> xr.D
     return ds
 
 
-def _expand(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
-    if isinstance(paths, (str, os.PathLike)):
-        found = sorted(_glob.glob(str(paths)))
-        if not found:
-            raise StoreError(f"no run store matches {paths!s}")
-        return [Path(p) for p in found]
-    out = [Path(p) for p in paths]
+def expand_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Run store paths from a path, a glob, or a list of paths and globs: in order, without
+    repeats; a path that does not exist or a glob that matches nothing is an error."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out: list[Path] = []
+    for item in items:
+        text = os.fspath(item)
+        if Path(text).exists():
+            found = [text]
+        elif _glob.has_magic(text):
+            found = sorted(_glob.glob(text))
+            if not found:
+                raise StoreError(f"no run store matches {text!r}")
+        else:
+            raise StoreError(f"{text!r} does not exist: pass run stores (e.g. runs/demo/sgd-0.zarr) or a glob "
+                             "(e.g. 'runs/demo/*.zarr')")
+        out.extend(Path(p) for p in found if Path(p) not in out)
     if not out:
-        raise StoreError("open_runs got an empty list of paths")
+        raise StoreError("no run stores given: pass store paths or a glob")
     return out
 
 
@@ -728,7 +738,7 @@ def open_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) 
     with NaN.
     """
     runs = []
-    for p in _expand(paths):
+    for p in expand_runs(paths):
         ds = open_run(p, chunks={})
         meta = ds.attrs.get("run", {}) or {}
         name = p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.name
