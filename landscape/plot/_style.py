@@ -103,3 +103,20 @@ def styled(fig: go.Figure, title: str, *, x: str = "", y: str = "", logy: bool =
     fig.update_xaxes(title_text=x, type="log" if logx else None, showline=True, mirror=False, ticks="outside")
     fig.update_yaxes(title_text=y, type="log" if logy else None, showline=True, mirror=False, ticks="outside")
     return fig
+
+
+def pick_run(ds: xr.Dataset, run: str | int | None) -> Run:
+    """The run asked for by label or index (default: the first)."""
+    all_runs = list(runs(ds))
+    labels = [r.label for r in all_runs]
+    if run is None:
+        return all_runs[0]
+    if isinstance(run, (int, np.integer)) and not isinstance(run, (bool, np.bool_)):
+        if not -len(all_runs) <= int(run) < len(all_runs):
+            raise ValueError(f"run={run} is out of range: the dataset has {len(all_runs)} run(s) ({', '.join(labels)})")
+        return all_runs[int(run)]
+    if isinstance(run, str):
+        if run not in labels:
+            raise ValueError(f"run={run!r} is not in the dataset; its runs are: {', '.join(labels)}")
+        return all_runs[labels.index(run)]
+    raise TypeError(f"run must be a run label (str), an index (int) or None, got {type(run).__name__}")

@@ -15,8 +15,8 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
 
-from landscape.plot._style import (PALETTE, MissingVariableError, Run, axis_title, color, optimizers, require, runs,
-                                   styled)
+from landscape.plot._style import (PALETTE, MissingVariableError, Run, axis_title, color, optimizers, pick_run, require,
+                                   runs, styled)
 
 _NORMALIZED = {"filter": "filter-normalised", "layer": "layer-normalised", "unit": "unit direction",
                "none": "raw direction"}
@@ -29,23 +29,6 @@ _SEGMENTS = {  # loss variable: (its barrier, what the segment joins, legend nam
 
 
 # -- shared pieces ---------------------------------------------------------------------------------
-
-def _pick_run(ds: xr.Dataset, run: str | int | None) -> Run:
-    """The run asked for by label or index (default: the first)."""
-    all_runs = list(runs(ds))
-    labels = [r.label for r in all_runs]
-    if run is None:
-        return all_runs[0]
-    if isinstance(run, (int, np.integer)) and not isinstance(run, (bool, np.bool_)):
-        if not -len(all_runs) <= int(run) < len(all_runs):
-            raise ValueError(f"run={run} is out of range: the dataset has {len(all_runs)} run(s) ({', '.join(labels)})")
-        return all_runs[int(run)]
-    if isinstance(run, str):
-        if run not in labels:
-            raise ValueError(f"run={run!r} is not in the dataset; its runs are: {', '.join(labels)}")
-        return all_runs[labels.index(run)]
-    raise TypeError(f"run must be a run label (str), an index (int) or None, got {type(run).__name__}")
-
 
 def _measured_steps(da: xr.DataArray) -> np.ndarray:
     """Steps where ``da`` holds at least one finite value (a probe that did not run left NaN)."""
@@ -90,7 +73,7 @@ def profiles(ds: xr.Dataset, *, step: int | None = None, run: str | int | None =
     """``profile_loss`` (probes.LossProfile) at one measured ``step`` (default the last) of one run:
     one line per direction over alpha, and a marker at alpha = 0 (the iterate w_t itself)."""
     require(ds, ["profile_loss"], "profiles")
-    r = _pick_run(ds, run)
+    r = pick_run(ds, run)
     da = r.ds["profile_loss"].load()
     s = _pick_step(da, step, f"run {r.label}")
     prof = _finite_along(da.sel(step=s), "alpha")
@@ -177,7 +160,7 @@ def interpolation(ds: xr.Dataset, *, step: int | None = None, run: str | int | N
             "plot.interpolation needs 'interpolation_loss' or 'mli_loss' (record them with probes.Interpolation) or "
             "'endpoint_loss' (computed by landscape.interpolate); the dataset has none of them")
     titles = []
-    chosen = _pick_run(ds, run)
+    chosen = pick_run(ds, run)
     s = None
     if "interpolation_loss" in present:
         seg = chosen.ds["interpolation_loss"].load()
@@ -284,7 +267,7 @@ def slice_2d(ds: xr.Dataset, *, kind: str = "contour", run: str | int | None = N
     if kind not in ("contour", "surface"):
         raise ValueError(f"kind must be 'contour' or 'surface', got {kind!r}")
     require(ds, ["surface_loss"], "slice_2d")
-    r = _pick_run(ds, run)
+    r = pick_run(ds, run)
     surf = _finite_along(_finite_along(r.ds["surface_loss"].load().transpose("x", "y"), "x"), "y")
     if surf.size == 0:
         raise ValueError(f"surface_loss holds no finite value for run {r.label}: that run has no slice")

@@ -19,7 +19,7 @@ import numpy as np
 import plotly.graph_objects as go
 import xarray as xr
 
-from landscape.plot._style import (Run, axis_title, band_color, color, optimizers, require, runs, styled)
+from landscape.plot._style import Run, axis_title, band_color, color, optimizers, pick_run, require, runs, styled
 
 GREY = "#7f7f7f"
 CONTRACTIONS = (0.9, 0.99, 0.999, 0.9999)
@@ -409,18 +409,7 @@ def spectral_density(ds: xr.Dataset, *, block: str = "model", run: str | int | N
     from probes.curvature import density_on_grid  # probes imports torch: only load it when asked
 
     require(ds, ["slq_nodes", "slq_weights"], "spectral_density")
-    all_runs = list(runs(ds))
-    labels = [r.label for r in all_runs]
-    if run is None:
-        chosen = all_runs[0]
-    elif isinstance(run, (int, np.integer)) and not isinstance(run, bool):
-        if not -len(all_runs) <= int(run) < len(all_runs):
-            raise ValueError(f"run index {run} is out of range: the dataset has {len(all_runs)} runs {labels}")
-        chosen = all_runs[int(run)]
-    elif isinstance(run, str) and run in labels:
-        chosen = all_runs[labels.index(run)]
-    else:
-        raise ValueError(f"run {run!r} is not in the dataset; its runs are {labels} (or pass an index)")
+    chosen = pick_run(ds, run)
     _block(ds["slq_nodes"], block, "slq_nodes")
     dens = density_on_grid(chosen.ds[["slq_nodes", "slq_weights"]].load(), block=block, grid=grid, sigma2=sigma2)
     d = np.asarray(dens.transpose("step", "eigenvalue").values, dtype=np.float64)
