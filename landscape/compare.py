@@ -355,6 +355,15 @@ class Comparison:
         parts += [f"note: {n}" for n in self.notes]
         return "\n".join(parts)
 
+    def significance(self, test: str = "mann_whitney") -> dict[tuple[str, str], float]:
+        """{(a, b): p} of the pairwise ``test`` rows (Holm-corrected where there are several
+        pairs), the form :func:`landscape.plot.compare` draws as brackets."""
+        out: dict[tuple[str, str], float] = {}
+        for _, r in self.tests[self.tests["test"] == test].iterrows() if len(self.tests) else ():
+            p = r["p_holm"] if np.isfinite(r["p_holm"]) else r["p"]
+            out[(str(r["a"]), str(r["b"]))] = float(p)
+        return out
+
     def __str__(self) -> str:
         return self.to_string()
 

@@ -392,3 +392,25 @@ def test_compare_on_recorded_runs(recorded):
     pw = quiet(pointwise, ds, "rsi")
     measured = ~np.isnan(pw["median"].sel(optimizer="sgd").values)
     assert measured.sum() >= 4 and (pw["n"].values[:, measured] == 3).all()
+
+
+def test_significance_feeds_the_comparison_figure():
+    """Comparison.significance() gives plot.compare its brackets: the Mann-Whitney p per pair."""
+    from landscape import plot
+
+    rng = np.random.default_rng(3)
+    values = np.r_[rng.normal(0, 1, (6, 4)), rng.normal(3, 1, (6, 4)), rng.normal(0.2, 1, (6, 4))]
+    runs = xr.Dataset({"x": (("run", "step"), values, {"long_name": "x", "units": "1"})},
+                      coords={"run": [f"r{i}" for i in range(18)], "optimizer": ("run", ["a"] * 6 + ["b"] * 6 + ["c"] * 6),
+                              "seed": ("run", list(range(6)) * 3), "step": np.arange(4)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = compare(runs, "x")
+    sig = result.significance()
+    mw = result.tests[result.tests["test"] == "mann_whitney"]
+    assert set(sig) == {(a, b) for a, b in zip(mw["a"], mw["b"])} and len(sig) == 3
+    for (a, b), p in sig.items():
+        row = mw[(mw["a"] == a) & (mw["b"] == b)].iloc[0]
+        assert p == row["p_holm"]
+    fig = plot.compare(runs, "x", significance=sig)
+    assert sum("p =" in (ann.text or "") for ann in fig.layout.annotations) == 3
