@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 from landscape.recorder import Recorder, attach
 from landscape.schedule import Schedule
 from landscape.slices import interpolate, slice_run
+from landscape.sweeps import sweep
 from landscape.store import StoreError, open_run, open_runs, open_trajectory, to_netcdf
 
 __all__ = ["Recorder", "Schedule", "StoreError", "attach", "interpolate", "open_run", "open_runs", "open_trajectory", "slice_run",
-           "to_netcdf", "__version__"]
+           "sweep", "to_netcdf", "__version__"]

@@ -1,4 +1,4 @@
-"""Command line: ``landscape demo``, ``landscape info PATH``, ``landscape report RUNS... -o report.html``."""
+"""Command line: ``landscape demo``, ``landscape sweep``, ``landscape info PATH``, ``landscape report RUNS... -o report.html``."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +57,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--seeds", type=int, default=3, help="seeds per optimizer (default 3)")
     d.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w = sub.add_parser("sweep", help="run the demo's experiment (optimizers x seeds on the digits) as parallel jobs on dask; "
+                       "re-running skips the finished runs")
+    w.add_argument("--optimizers", default="sgd,adam", help="comma-separated demo optimizers (default sgd,adam)")
+    w.add_argument("--seeds", type=int, default=3, help="seeds per optimizer: 0..N-1 (default 3)")
+    w.add_argument("--out", type=Path, default=Path("runs/sweep"), help="folder for the run stores (default runs/sweep)")
+    w.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
+    w.add_argument("--workers", type=int, default=2, help="worker processes of the local cluster (default 2)")
+    w.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per job (default 1)")
+    w.add_argument("--scheduler", default=None, help="address of a running dask scheduler, e.g. tcp://host:8786 "
+                   "(default: a local cluster); the workers must see --out")
+    w.add_argument("--no-resume", action="store_true", help="redo every run, even the complete ones")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
     i = sub.add_parser("info", help="summarise a run store")
     i.add_argument("path", type=Path, nargs="?")
     i.add_argument("--schema", action="store_true", help="print the documented schema instead")
@@ -73,6 +85,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--seeds and --epochs must be >= 1")
         run_demo(DemoConfig(out=args.out, seeds=tuple(range(args.seeds)), epochs=args.epochs), progress=not args.no_progress)
         return 0
+    if args.command == "sweep":
+        from landscape.sweeps import digits_train, parse_optimizers, sweep
+
+        try:
+            names = parse_optimizers(args.optimizers)
+        except ValueError as exc:
+            parser.error(str(exc))
+        for flag, value in (("--seeds", args.seeds), ("--epochs", args.epochs), ("--workers", args.workers),
+                            ("--threads-per-worker", args.threads_per_worker)):
+            if value < 1:
+                parser.error(f"{flag} must be >= 1, got {value}")
+        try:
+            res = sweep(digits_train, {name: {"epochs": args.epochs} for name in names}, args.seeds, args.out,
+                        scheduler=args.scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker,
+                        resume=not args.no_resume, progress=not args.no_progress)
+        except (ValueError, OSError) as exc:
+            print(f"landscape sweep: {exc}", file=sys.stderr)
+            return 2
+        print(res.summary())
+        if res.complete:
+            from landscape.demo import summary_table
+
+            print()
+            print(summary_table(res.complete))
+            print(f"\nOpen them: landscape.open_runs('{args.out}/*.zarr'); a page: landscape report '{args.out}/*.zarr'")
+        return 0 if res.ok else 1
     if args.command == "info":
         if args.schema:
             from landscape.schema import describe

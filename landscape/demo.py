@@ -57,18 +57,20 @@ def demo_probes(cfg: DemoConfig) -> list:
             TrajectoryPCA(every=cfg.every, grid=21)]
 
 
-def train_one(name: str, seed: int, cfg: DemoConfig, data: tuple, bar: Any = None) -> Path:
-    """Train one (optimizer, seed) run with the demo's probes attached; return its store path."""
+def train_one(name: str, seed: int, cfg: DemoConfig, data: tuple, bar: Any = None, *, store: Path | None = None,
+              run: dict[str, Any] | None = None) -> Path:
+    """Train one (optimizer, seed) run with the demo's probes attached; return its store path
+    (default ``<cfg.out>/<name>-<seed>.zarr``; ``run``: extra run metadata beside optimizer and seed)."""
     (Xtr, ytr), _ = data
     torch.manual_seed(seed)
     model = DigitsCNN()
     opt = OPTIMIZERS[name](model.parameters())
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xtr, ytr), batch_size=cfg.batch_size,
                                          shuffle=True, generator=torch.Generator().manual_seed(seed))
-    path = cfg.out / f"{name}-{seed}.zarr"
+    path = Path(store) if store is not None else cfg.out / f"{name}-{seed}.zarr"
     with landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=(Xtr, ytr), probe_batch_size=cfg.batch_size,
                           probes=demo_probes(cfg), store=path, overwrite=True,
-                          run={"optimizer": name, "seed": seed}) as rec:
+                          run={**(run or {}), "optimizer": name, "seed": seed}) as rec:
         for _ in range(cfg.epochs):
             model.train()
             for xb, yb in loader:

@@ -1,6 +1,6 @@
 """Sweeps: every (optimizer configuration x seed) training run as a job on dask.distributed.
 
-    from landscape.sweep import sweep, digits_train
+    from landscape.sweeps import sweep, digits_train   # also landscape.sweep(...)
     res = sweep(digits_train, {"sgd": {"epochs": 2}, "adam": {"epochs": 2}}, seeds=3, out="runs/sweep")
     print(res)                  # finished / skipped / failed
     ds = res.open_runs()        # dims run, step, ...; coords optimizer, seed, epochs
@@ -64,6 +64,7 @@ class SweepResult:
     skipped: list[Path] = field(default_factory=list)
     failed: list[SweepFailure] = field(default_factory=list)
     seconds: float = 0.0
+    job_seconds: dict[Path, float] = field(default_factory=dict)  # wall time of each job that ran, on its worker
 
     @property
     def complete(self) -> list[Path]:
@@ -110,6 +111,20 @@ def store_complete(path: str | os.PathLike[str]) -> bool:
         return bool(json.loads((path / COMMIT).read_text()).get("closed", False))
     except (OSError, ValueError):
         return False
+
+
+def _metadata_mismatch(path: Path, meta: dict[str, Any]) -> str:
+    """Settings the store's run metadata records with another value than ``meta`` (keys the
+    store does not record are not compared)."""
+    from landscape.store import _jsonable
+
+    try:
+        recorded = json.loads((path / "zarr.json").read_text()).get("attributes", {}).get("run", {}) or {}
+    except (OSError, ValueError):
+        return ""
+    want = _jsonable(meta)
+    diffs = [f"{k}={recorded[k]!r} (sweep: {v!r})" for k, v in want.items() if k in recorded and recorded[k] != v]
+    return ", ".join(diffs)
 
 
 def run_path(out: str | os.PathLike[str], name: str, seed: int) -> Path:
@@ -231,12 +246,16 @@ def sweep(train: TrainFn, configs: Mapping[str, Mapping[str, Any]], seeds: int |
         scheduler: address of a running dask scheduler (or a ``distributed.Client``) to run the
             jobs there; ``out`` must then be a folder every worker sees. ``None``: a
             ``LocalCluster`` of ``workers`` processes on this machine, closed at the end.
-        workers, threads_per_worker: the local cluster's size; each job sets torch's intra-op
-            threads to ``threads_per_worker``.
-        resume: skip runs whose store is complete; ``False`` redoes every run.
+        workers, threads_per_worker: the local cluster's size (``workers`` is unused with a
+            ``scheduler``); each job sets torch's intra-op threads to ``threads_per_worker``.
+        resume: skip runs whose store is complete (a complete store whose run metadata records
+            other settings than the job's is an error, raised before anything runs);
+            ``False`` redoes every run.
         progress: a tqdm bar over finished jobs.
 
-    Returns a :class:`SweepResult`; failed jobs are listed there, not raised.
+    Returns a :class:`SweepResult`; failed jobs are listed there, not raised. In a script, call
+    it under ``if __name__ == "__main__":``: the worker processes are spawned and import the
+    script's module.
     """
     cfgs, seed_list = _check_args(train, configs, seeds, workers, threads_per_worker, scheduler)
     if not isinstance(resume, bool):
@@ -248,17 +267,26 @@ def sweep(train: TrainFn, configs: Mapping[str, Mapping[str, Any]], seeds: int |
     t0 = time.perf_counter()
     jobs = [(name, seed, run_path(out, name, seed)) for name in cfgs for seed in seed_list]
     result = SweepResult(out=out, _order=[p for _, _, p in jobs])
-    todo = []
+    todo, stale = [], []
     for name, seed, path in jobs:
         if resume and store_complete(path):
+            diff = _metadata_mismatch(path, {"optimizer": name, "seed": seed, **cfgs[name]})
+            if diff:
+                stale.append(f"{path.name}: {diff}")
             result.skipped.append(path)
         else:
             todo.append((name, seed, path))
+    if stale:
+        raise ValueError(f"{len(stale)} complete runs in {out} were recorded with other settings than this sweep's "
+                         f"({'; '.join(stale[:3])}{'; ...' if len(stale) > 3 else ''}): write to another out folder, or "
+                         "pass resume=False (--no-resume) to redo every run")
     if todo:
         reports = _submit_all(train, cfgs, todo, scheduler, workers, threads_per_worker, progress)
         by_path = {Path(r["path"]): r for r in reports}
         for name, seed, path in todo:
             r = by_path[path]
+            if r.get("seconds") is not None:
+                result.job_seconds[path] = float(r["seconds"])
             if r["error"] is None:
                 result.finished.append(path)
             else:
@@ -291,7 +319,7 @@ def _submit_all(train: TrainFn, cfgs: dict[str, dict], todo: list[tuple[str, int
     try:
         futures = {}
         for name, seed, path in todo:
-            fut = client.submit(_run_job, train, name, cfgs[name], seed, str(path.resolve() if cluster else path), threads,
+            fut = client.submit(_run_job, train, name, cfgs[name], seed, str(path.resolve()), threads,
                                 key=f"landscape-sweep-{name}-{seed}-{token}", pure=False, retries=0)
             futures[fut] = (name, seed, path)
         with tqdm(total=len(futures), desc="sweep", unit="run", disable=not progress) as bar:
@@ -336,25 +364,9 @@ def digits_train(name: str, config: dict, seed: int, store_path: Path) -> Path:
     if unknown:
         raise ValueError(f"digits_train: unknown settings {sorted(unknown)}; it takes {sorted(fields)}")
     store_path = Path(store_path)
-    if store_path.name != f"{name}-{seed}.zarr":
-        raise ValueError(f"digits_train writes <out>/{name}-{seed}.zarr (the demo's naming), not {store_path}")
     cfg = DemoConfig(out=store_path.parent, seeds=(seed,), optimizers=(name,), **config)
     X, y = load_digits()
-    path = train_one(name, seed, cfg, split(X, y, 0.8, seed=0))
-    if config:
-        _add_run_metadata(path, config)
-    return path
-
-
-def _add_run_metadata(path: Path, config: dict) -> None:
-    """train_one records run={"optimizer", "seed"}; add the configuration's settings to the
-    closed store's metadata, so open_runs has them as coordinates."""
-    from landscape.store import _jsonable, _write_group_meta
-
-    meta = json.loads((path / "zarr.json").read_text())
-    attrs = meta.get("attributes", {})
-    attrs["run"] = {**attrs.get("run", {}), **_jsonable(config)}
-    _write_group_meta(path, attrs)
+    return train_one(name, seed, cfg, split(X, y, 0.8, seed=0), store=store_path, run=dict(config))
 
 
 def parse_optimizers(text: str) -> list[str]:
