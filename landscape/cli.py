@@ -52,10 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``landscape`` command."""
     parser = argparse.ArgumentParser(prog="landscape", description="Loss-landscape geometry along training runs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="train a CNN on the bundled digits with SGD and Adam (3 seeds), recording RSI/EB, Hessian curvature, sharpness and valleys; writes <out>/report.html")
+    d = sub.add_parser("demo", help="train a CNN on the bundled digits with SGD, Adam and SAM (5 seeds each), recording RSI/EB, Hessian curvature, sharpness, valleys and slices; compare the optimizers over seeds; write <out>/report.html")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the run stores (default runs/demo)")
-    d.add_argument("--seeds", type=int, default=3, help="seeds per optimizer (default 3)")
-    d.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
+    d.add_argument("--seeds", type=int, default=5, help="seeds per optimizer (default 5)")
+    d.add_argument("--epochs", type=int, default=6, help="epochs per run (default 6)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     w = sub.add_parser("sweep", help="run the demo's experiment (optimizers x seeds on the digits) as parallel jobs on dask; "
                        "re-running skips the finished runs")

@@ -750,8 +750,14 @@ def open_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) 
                 ds = ds.assign_coords({key: ("run", [value])})
         ds.attrs = {"landscape_schema": ds.attrs["landscape_schema"]}
         runs.append(ds)
-    out = xr.concat(runs, dim="run", join="outer", combine_attrs="drop_conflicts", coords="different",
-                    compat="equals", data_vars="all", fill_value=np.nan)
+    from dask.array.core import PerformanceWarning
+
+    with warnings.catch_warnings():
+        # xarray compares the runs' coordinates lazily; dask then warns about rechunking
+        # arrays that hold a few numbers (seen with 15 runs): nothing to act on
+        warnings.simplefilter("ignore", PerformanceWarning)
+        out = xr.concat(runs, dim="run", join="outer", combine_attrs="drop_conflicts", coords="different",
+                        compat="equals", data_vars="all", fill_value=np.nan)
     return out
 
 
