@@ -32,7 +32,7 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from landscape.functional import FunctionalModel, draw_batches, move_batch, probe_guard, trainable_parameters
+from landscape.functional import FunctionalModel, batch_size, draw_batches, move_batch, probe_guard, trainable_parameters
 from landscape.schema import Var, attrs_for
 from landscape.store import RunWriter, _fill, open_run
 # Module import, not names: probes.base imports landscape.functional, which runs this package's
@@ -126,6 +126,19 @@ class Recorder:
             groups (32 steps, or this long after the first), which keeps the writer thread from
             waking at every step. ``0`` commits each step as soon as possible (what a
             ``kill -9`` can lose is then only the step being written).
+        loggers: where each recorded step's scalars also go, beside the store: callables
+            ``logger(scalars: dict[str, float], step: int)`` (``wandb.log``, a Lightning logger's
+            ``log_metrics``, ``mlflow.log_metrics``), a ``torch.utils.tensorboard.SummaryWriter``,
+            or :class:`landscape.loggers.TensorBoard` (see :mod:`landscape.loggers`). A failing
+            logger is warned about once and skipped; the store is unaffected.
+        probe_chunk_size: examples per forward pass in probe computations; bigger probe batches
+            are evaluated in chunks and accumulated (activation memory of one chunk; HVPs then
+            rebuild one chunk's graph at a time). None: whole batches.
+        distributed: under ``torch.distributed`` (``"auto"``: when a process group of more than
+            one rank is initialised), attach on every rank with the same arguments: each rank
+            evaluates its slice of every probe batch and the results are summed across ranks, so
+            the numbers equal one process on the whole batches; only rank 0 writes the store and
+            the loggers. ``False`` records each rank on its own (give each rank its own store).
     """
 
     def __init__(
@@ -143,6 +156,9 @@ class Recorder:
         probe_batch_size: int | None = None,
         seed: int = 0,
         commit_delay: float = 0.25,
+        loggers: Sequence[Any] | Any = (),
+        probe_chunk_size: int | None = None,
+        distributed: bool | str = "auto",
     ) -> None:
         # -- validate everything before training starts ------------------------------------
         if not isinstance(model, nn.Module):
@@ -158,27 +174,37 @@ class Recorder:
             raise ValueError(f"two probes of the same kind would write the same variables: {names}")
         if run is not None and not isinstance(run, dict):
             raise TypeError("run= must be a dict of metadata such as {'optimizer': 'sgd', 'seed': 0}")
-        self.model, self.optimizer, self.probes = model, optimizer, probes
-        named = trainable_parameters(model, optimizer)
-        self.functional = FunctionalModel(model, loss_fn, named)
+        self.rank, self.world, self.group = _distributed_setting(distributed)
+        # Probes evaluate the module itself (functional_call), never a DDP wrapper, whose forward
+        # synchronises buffers and arms the gradient all-reduce; parameter names stay unprefixed.
+        inner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+        self.model, self.optimizer, self.probes = inner, optimizer, probes
+        named = trainable_parameters(inner, optimizer)
+        self.functional = FunctionalModel(inner, loss_fn, named)
+        self.functional.set_chunk_size(probe_chunk_size)
+        self.functional.group = self.group
+        self.loggers = _check_loggers(loggers)
         needed = max([p.samples_needed for p in probes] + [0])
-        self.probe_batches = (
-            [move_batch(b, self.functional.device) for b in draw_batches(probe_data, needed, batch_size=probe_batch_size, seed=seed)]
-            if needed
-            else []
-        )
+        batches = draw_batches(probe_data, needed, batch_size=probe_batch_size, seed=seed) if needed else []
+        if self.world > 1:
+            batches = [_shard(b, self.rank, self.world) for b in batches]
+        self.probe_batches = [move_batch(b, self.functional.device) for b in batches]
         for p in probes:
             p.setup(self.functional, optimizer)
         self.weight_decay = self._weight_decay_vector()
-        if store is None:
+        if store is None and self.rank == 0:
             store = Path(tempfile.mkdtemp(prefix="landscape-")) / "run.zarr"
-        self.path = Path(store)
+        self.path = Path(store) if store is not None else None
         if isinstance(commit_delay, bool) or not isinstance(commit_delay, (int, float)) or not 0 <= commit_delay <= 3600:
             raise ValueError(f"commit_delay must be a number of seconds in [0, 3600], got {commit_delay!r}")
         self.coords = _union_coords(probes)
         _check_trajectory_names(probes)
-        self.writer = RunWriter(self.path, self._run_attrs(run or {}, loss_fn), overwrite=overwrite, resume=resume,
-                                max_delay=float(commit_delay))
+        self.writer: Any
+        if self.world > 1:
+            self.writer = self._open_distributed(run or {}, loss_fn, overwrite, resume, float(commit_delay))
+        else:
+            self.writer = RunWriter(self.path, self._run_attrs(run or {}, loss_fn), overwrite=overwrite, resume=resume,
+                                    max_delay=float(commit_delay))
         if self.coords:
             self.writer.write_dataset(xr.Dataset(coords={k: (k, np.asarray(v)) for k, v in self.coords.items()}))
 
@@ -197,9 +223,33 @@ class Recorder:
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
             optimizer.register_step_post_hook(self._post_step),
+            # on the module the loop calls (a DDP wrapper included): its forward starts the loss capture
             model.register_forward_pre_hook(self._forward_pre),
             model.register_forward_hook(self._forward_post),
         ]
+
+    def _open_distributed(self, run: dict[str, Any], loss_fn: Any, overwrite: bool, resume: bool,
+                          commit_delay: float) -> Any:
+        """Rank 0 opens the store; the others keep a count of the rows. An error opening it is
+        raised on every rank (else the others would wait for rank 0 forever)."""
+        writer: Any = None
+        error = None
+        if self.rank == 0:
+            try:
+                attrs = self._run_attrs(run, loss_fn)
+                attrs["distributed"] = {"world_size": self.world, "backend": str(_dist().get_backend(self.group))}
+                writer = RunWriter(self.path, attrs, overwrite=overwrite, resume=resume, max_delay=commit_delay)
+            except Exception as exc:
+                error = exc
+        message = _broadcast(None if error is None else f"{type(error).__name__}: {error}", self.group)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"landscape: rank 0 could not open the store: {message}")
+        state = _broadcast((writer.step0, writer.rows) if self.rank == 0 else None, self.group)
+        if self.rank == 0:
+            return writer
+        return _RankWriter(state[0], state[1], self.group)
 
     # -- metadata ---------------------------------------------------------------------------
     def _run_attrs(self, run: dict[str, Any], loss_fn: Any) -> dict[str, Any]:
@@ -214,7 +264,7 @@ class Recorder:
                       "parameter_names": list(self.functional.layout.names)},
             "loss_fn": getattr(loss_fn, "__name__", type(loss_fn).__name__),
             "probes": [p.config() for p in self.probes],
-            "probe_batches": {"count": len(self.probe_batches), "batch_sizes": [int(b[0].shape[0]) for b in self.probe_batches]},
+            "probe_batches": {"count": len(self.probe_batches), "batch_sizes": [batch_size(b) for b in self.probe_batches]},
             "torch_version": torch.__version__,
             "landscape_version": landscape.__version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -314,6 +364,11 @@ class Recorder:
 
     def _record(self, step: int, pending: dict[str, Any]) -> None:
         loss, seen = self._take_loss()
+        if self.world > 1:  # the global loss: the mean of the ranks' losses (equal-sized shards, as DDP assumes)
+            both = torch.tensor([loss if seen else 0.0, float(seen)], dtype=torch.float64)
+            _dist().all_reduce(both, group=self.group)
+            seen = both[1].item() > 0
+            loss = both[0].item() / both[1].item() if seen else math.nan
         flags = 0
         if seen and not math.isfinite(loss):
             flags |= 1
@@ -339,6 +394,8 @@ class Recorder:
             if not math.isfinite(grad_norm):
                 flags |= 2
                 self._warn_once("nonfinite-grad", f"non-finite gradient at step {step}: its geometry is recorded as NaN (flag `nonfinite`)")
+            if self.world > 1:
+                self._sync_buffers()
             ctx = _probe_base.Context(step=step, functional=self.functional, model=self.model, optimizer=self.optimizer,
                           probe_batches=self.probe_batches, params=params, grad=grad,
                           update=self.functional.flat_params() - params, loss=loss, lr=lrs[0],
@@ -353,6 +410,39 @@ class Recorder:
         values["nonfinite"] = Var((), np.int8(flags), _ATTRS["nonfinite"])
         values["probe_failed"] = Var((), np.int8(failed), _ATTRS["probe_failed"])
         self.writer.append(step, values, {k: Var(v.dims, _to_numpy(v.data), v.attrs) for k, v in trajectory.items()} or None)
+        if self.loggers and self.rank == 0:
+            self._emit(step, values)
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) for the probes of every rank, without
+        touching the model's own: each rank then evaluates the same function."""
+        named = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+        if not named:
+            return
+        flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for _, b in named])
+        _dist().broadcast(flat, group=self.group, group_src=0)
+        out, i = {}, 0
+        for n, b in named:
+            out[n] = flat[i:i + b.numel()].reshape(b.shape).to(b.dtype)
+            i += b.numel()
+        self.functional.buffers = out
+
+    def _emit(self, step: int, values: dict[str, Var]) -> None:
+        """Hand the step's scalars to the loggers; a failing logger is warned about and skipped."""
+        from landscape.loggers import step_scalars
+
+        scalars = step_scalars(values, self.coords)
+        for i, log in enumerate(self.loggers):
+            try:
+                log(scalars, step)
+            except Exception as exc:
+                name = f"logger:{getattr(log, '__name__', type(log).__name__)}"
+                info = self.probe_errors.setdefault(name, {"count": 0, "first_step": step, "error": ""})
+                info["count"] += 1
+                if not info["error"]:
+                    info["error"] = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                self._warn_once(f"logger:{i}", f"landscape logger {name} failed at step {step}: {info['error']} "
+                                               "(the store is unaffected; training goes on)")
 
     def _run_probe(self, probe: Probe, fn: Callable[[Context], Any], ctx: Context) -> Any:
         try:
@@ -403,15 +493,28 @@ class Recorder:
         try:
             self.writer.flush()
             final = self.functional.flat_params()
+            if self.world > 1:
+                self._sync_buffers()
             steps = np.arange(self.writer.step0 or 0, (self.writer.step0 or 0) + self.writer.rows)
             for probe in self.probes:
                 if type(probe).finalize is _probe_base.Probe.finalize:
                     continue
+                shared_run = self.world > 1 and probe.finalize_evaluates_model
+                if self.rank > 0 and not shared_run:
+                    continue  # reads stored results only: rank 0 does it
+                trajectory: Callable[..., Any] = self.writer.iter_trajectory
+                dataset: Callable[[], Any] = lambda: open_run(self.path)  # noqa: E731
+                if shared_run and self.rank == 0:  # the other ranks run the same finalize on rank 0's data
+                    trajectory = _sending(self.writer.iter_trajectory, self.group)
+                    dataset = _sending(lambda: open_run(self.path).load(), self.group, single=True)
+                elif shared_run:
+                    trajectory = _receiving(self.group)
+                    dataset = _receiving(self.group, single=True)
                 ctx = _probe_base.Context(step=self.step, functional=self.functional, model=self.model, optimizer=self.optimizer,
                               probe_batches=self.probe_batches, final_params=final, weight_decay=self.weight_decay,
-                              trajectory=self.writer.iter_trajectory, dataset=lambda: open_run(self.path), steps=steps)
+                              trajectory=trajectory, dataset=dataset, steps=steps)
                 ds = self._run_probe(probe, probe.finalize, ctx)
-                if ds is not None:
+                if ds is not None and self.rank == 0:
                     try:
                         # finalize results share the run's labels of each dim (NaN where absent)
                         shared = {d: self.coords[d] for d in ds.dims if d in self.coords}
@@ -420,12 +523,20 @@ class Recorder:
                         self.writer.write_dataset(ds)
                     except Exception as exc:
                         self._internal_error(exc)
+            for log in self.loggers if self.rank == 0 else ():
+                flush = getattr(log, "flush", None)
+                if callable(flush):
+                    with contextlib.suppress(Exception):
+                        flush()
             self.writer.set_attrs(probe_errors=self.probe_errors, steps_recorded=self.writer.rows)
         finally:
             self.writer.close()
 
     def dataset(self):  # type: ignore[no-untyped-def]
         """The run recorded so far, as an ``xarray.Dataset`` (see :func:`landscape.open_run`)."""
+        if self.rank > 0:
+            raise RuntimeError(f"this is rank {self.rank}: under torch.distributed only rank 0 writes the store "
+                               f"({self.path}); read it there, or after training with landscape.open_run")
         if not self._closed:
             self.writer.flush()
         return open_run(self.path)
@@ -515,3 +626,122 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -
     the options are those of :class:`Recorder` (documented there).
     """
     return Recorder(model, optimizer, **options)
+
+
+# -- torch.distributed ------------------------------------------------------------------------
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def _distributed_setting(distributed: bool | str) -> tuple[int, int, Any]:
+    """(rank, world size, group) of the recording: (0, 1, None) unless distributed."""
+    if distributed not in ("auto", True, False):
+        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+    if distributed is False:
+        return 0, 1, None
+    dist = _dist()
+    active = dist.is_available() and dist.is_initialized()
+    if distributed is True and not active:
+        raise RuntimeError("distributed=True but no torch.distributed process group is initialised: call "
+                           "torch.distributed.init_process_group(...) before landscape.attach")
+    if not active or dist.get_world_size() < 2:
+        return 0, 1, None
+    return dist.get_rank(), dist.get_world_size(), None
+
+
+def _broadcast(obj: Any, group: Any) -> Any:
+    box = [obj]
+    _dist().broadcast_object_list(box, group=group, group_src=0)
+    return box[0]
+
+
+def _shard(batch: Any, rank: int, world: int) -> Any:
+    """This rank's contiguous slice of a probe batch (sizes differ by at most one example)."""
+    from landscape.functional import Shard, _map_batched, check_batch
+
+    batch = check_batch(batch)
+    n = batch_size(batch)
+    if n < world:
+        raise ValueError(f"a probe batch of {n} examples cannot be split over {world} ranks: under torch.distributed "
+                         f"each probe batch needs at least {world} examples (pass bigger probe batches)")
+    bounds = np.linspace(0, n, world + 1).round().astype(int)
+    lo, hi = int(bounds[rank]), int(bounds[rank + 1])
+    return Shard((_map_batched(t, lambda x: x[lo:hi]) for t in batch), n)
+
+
+def _sending(source: Callable[..., Any], group: Any, single: bool = False) -> Callable[..., Any]:
+    """``source`` on rank 0, each item also broadcast to the other ranks (see :func:`_receiving`).
+    The end marker is sent only after a complete pass: a consumer that stops early stops early on
+    every rank, in step, so nothing is left waiting."""
+    if single:
+        def one(*args: Any, **kwargs: Any) -> Any:
+            return _broadcast(source(*args, **kwargs), group)
+        return one
+
+    def gen(*args: Any, **kwargs: Any) -> Any:
+        for item in source(*args, **kwargs):
+            _broadcast(item, group)
+            yield item
+        _broadcast(None, group)
+    return gen
+
+
+def _receiving(group: Any, single: bool = False) -> Callable[..., Any]:
+    """On ranks > 0: what rank 0's :func:`_sending` broadcasts, in the same calls."""
+    if single:
+        return lambda *args, **kwargs: _broadcast(None, group)
+
+    def gen(*args: Any, **kwargs: Any) -> Any:
+        while True:
+            item = _broadcast(None, group)
+            if item is None:
+                return
+            yield item
+    return gen
+
+
+class _RankWriter:
+    """The store's stand-in on ranks > 0: counts rows, writes nothing."""
+
+    errors: list[str] = []
+
+    def __init__(self, step0: int | None, rows: int, group: Any) -> None:
+        self.step0, self.rows, self.group = step0, int(rows), group
+
+    def append(self, step: int, values: Any, trajectory: Any = None) -> None:
+        if self.step0 is None:
+            self.step0 = step
+        self.rows += 1
+
+    def write_dataset(self, ds: Any) -> None:
+        pass
+
+    def set_attrs(self, **attrs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def iter_trajectory(self, names: Sequence[str], max_bytes: int = 0) -> Any:
+        raise RuntimeError("only rank 0 holds the trajectory")
+
+
+def _check_loggers(loggers: Any) -> list[Callable[[dict[str, float], int], Any]]:
+    """Loggers as callables ``log(scalars, step)``, with an error that says what is accepted."""
+    if loggers is None:
+        return []
+    if not isinstance(loggers, (list, tuple)):
+        loggers = [loggers]
+    if not loggers:
+        return []
+    from landscape.loggers import as_logger
+
+    return [as_logger(lg) for lg in loggers]
+

@@ -117,6 +117,13 @@ class Probe:
         more than they do."""
         return True
 
+    @property
+    def finalize_evaluates_model(self) -> bool:
+        """Whether :meth:`finalize` runs the model. Under torch.distributed every rank runs such
+        a finalize in step (its evaluations are summed across ranks); the others run on rank 0
+        only."""
+        return True
+
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
         """Called once by ``attach``, before training: validate against the model."""
 
@@ -168,6 +175,13 @@ class BlockProbe(Probe):
         self.blocks = blocks
         self.block_index: dict[str, Tensor | None] = {}
         self._block_sizes: dict[str, int] = {}
+
+    @property
+    def finalize_evaluates_model(self) -> bool:
+        """Whether :meth:`finalize` runs the model. Under torch.distributed every rank runs such
+        a finalize in step (its evaluations are summed across ranks); the others run on rank 0
+        only."""
+        return True
 
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
         self.block_index = resolve_blocks(functional.layout, functional.model, self.blocks)

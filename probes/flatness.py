@@ -60,7 +60,6 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import Tensor
-from torch.func import functional_call
 
 from landscape.directions import adaptive_scale
 from landscape.functional import Batch, FunctionalModel, as_batch_list, batch_size
@@ -155,7 +154,14 @@ def logit_normalized(fm: FunctionalModel) -> FunctionalModel:
         norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True)
         return base(centred / norm.clamp_min(torch.finfo(out.dtype).tiny), target)
 
-    return FunctionalModel(fm.model, loss_fn, list(zip(fm.layout.names, fm.params)))
+    out = FunctionalModel(fm.model, loss_fn, list(zip(fm.layout.names, fm.params)))
+    _share_settings(fm, out)
+    return out
+
+
+def _share_settings(src: FunctionalModel, dst: FunctionalModel) -> None:
+    """How ``src`` evaluates (chunks, the distributed group, rank 0's buffers), for a derived model."""
+    dst.chunk_size, dst.group, dst.buffers = src.chunk_size, src.group, src.buffers
 
 
 # -- Auto-PGD ---------------------------------------------------------------------------------
@@ -363,13 +369,11 @@ def _metric_fn(fm: FunctionalModel, batches: list[Batch], metric: Metric) -> Cal
     total = sum(batch_size(b) for b in batches)
 
     def accuracy(w: Tensor) -> float:
-        correct = 0.0
+        correct = torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
-            params = fm.unflatten(w)
-            for *inputs, target in batches:
-                out = functional_call(fm.model, params, tuple(inputs))
-                correct += float((out.argmax(dim=-1) == target).sum())
-        return correct / total
+            for piece, _ in fm.pieces(batches):
+                correct += (fm.outputs(w, piece).argmax(dim=-1) == piece[-1]).sum()
+        return float(fm.reduce(correct, batches)) / total
 
     return accuracy
 
@@ -515,6 +519,7 @@ class Sharpness(Probe):
             return fm
         if self._wrapped is None or self._wrapped[0] is not fm:
             self._wrapped = (fm, logit_normalized(fm))
+        _share_settings(fm, self._wrapped[1])  # the buffers may have changed since (distributed runs)
         return self._wrapped[1]
 
     def _batches(self, ctx: Context) -> list[Batch]:

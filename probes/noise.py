@@ -65,6 +65,15 @@ class _Moments:
         self.m2 = self.m2 + m2_b + delta.square() * (self.weight * wb / total)
         self.weight = total
 
+    def merge_ranks(self, fm: FunctionalModel, batches: Sequence[Batch]) -> None:
+        """Combine the moments of every rank's shard of distributed batches (Chan's merge as sums:
+        W = sum w_r, m = sum w_r m_r / W, M2 = sum M2_r + w_r (m_r - m)^2)."""
+        assert self.mean is not None and self.m2 is not None
+        counts = fm.reduce(torch.tensor([self.weight, float(self.observations)], dtype=torch.float64), batches)
+        mean = fm.reduce(self.mean * self.weight, batches) / counts[0]
+        self.m2 = fm.reduce(self.m2 + (self.mean - mean).square() * self.weight, batches)
+        self.mean, self.weight, self.observations = mean, float(counts[0]), int(round(float(counts[1])))
+
 
 class GradientNoise(BlockProbe):
     """Gradient noise scale and signal-to-noise ratio from per-example or per-batch gradients.
@@ -129,6 +138,8 @@ class GradientNoise(BlockProbe):
         for batch in batches:
             for rows in fm.per_sample_grads(w, batch):
                 acc.add(rows)
+        if fm.sharded(batches):
+            acc.merge_ranks(fm, list(batches))
         return acc
 
     def _per_batch_moments(self, fm: FunctionalModel, w: Tensor, batches: Sequence[Batch]) -> _Moments:

@@ -166,6 +166,10 @@ class RestrictedSecant(Probe):
     def evaluates_model(self) -> bool:
         return self.samples > 0  # the training-gradient variants only read the step's vectors
 
+    @property
+    def finalize_evaluates_model(self) -> bool:
+        return False  # RSI/EB against w* are inner products of stored vectors
+
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
         self._dim = functional.dim
         if self.reference is not None:
