@@ -833,17 +833,52 @@ def probe_guard(model: nn.Module, bn_mode: BNMode = "eval") -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The torch generators a DataLoader draws its order from (its own, its samplers', and those
+    of wrappers such as accelerate's), found by attribute."""
+    found: list[torch.Generator] = []
+    seen: set[int] = set()
+    stack = [loader]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Generator):
+            found.append(obj)
+            continue
+        for attr in ("generator", "sampler", "batch_sampler", "base_dataloader", "synchronized_generator"):
+            try:
+                child = getattr(obj, attr, None)
+            except Exception:
+                child = None
+            if child is not None and not isinstance(child, (int, float, str)):
+                stack.append(child)
+    return found
+
+
 @contextlib.contextmanager
-def rng_preserved() -> Iterator[None]:
-    """Leave the global RNG state exactly as found (e.g. while drawing probe batches)."""
+def rng_preserved(*sources: Any) -> Iterator[None]:
+    """Leave the random state exactly as found (e.g. while drawing probe batches): torch's global
+    generators (CPU and CUDA), numpy's and Python's, and the own generators of ``sources``
+    (DataLoaders: iterating one draws its shuffle order and worker seeds from them)."""
+    import random
+
+    gens = [g for src in sources for g in loader_generators(src)]
+    states = [g.get_state() for g in gens]
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    np_state, py_state = np.random.get_state(), random.getstate()
     try:
         yield
     finally:
+        for g, st in zip(gens, states):
+            g.set_state(st)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
 
 
 def draw_batches(source: Any, count: int, *, batch_size: int | None = None, seed: int = 0) -> list[Batch]:
@@ -886,7 +921,7 @@ def draw_batches(source: Any, count: int, *, batch_size: int | None = None, seed
         batches = [check_batch(b) for b in source]
     elif isinstance(source, Iterable):
         batches = []
-        with rng_preserved():
+        with rng_preserved(source):
             for b in source:
                 batches.append(check_batch(b))
                 if len(batches) == count:

@@ -622,3 +622,18 @@ def test_sketch_cosine_and_inner_product_errors_match_the_documented_formulas():
         sd_cos = (1 - gm**2) / math.sqrt(k)
         assert float(cos[:, i].std()) == pytest.approx(sd_cos, rel=0.25), (gm, float(cos[:, i].std()))
         assert abs(float(cos[:, i].mean()) - gm) < 4 * sd_cos / math.sqrt(seeds), (gm, float(cos[:, i].mean()))
+
+
+def test_drawing_probe_batches_leaves_a_loaders_own_generator_alone() -> None:
+    """A DataLoader with its own generator draws its shuffle order from it: taking probe batches
+    from that loader must not advance it, or the training's order (and trajectory) changes."""
+    data = TensorDataset(torch.arange(40.0).reshape(20, 2), torch.arange(20))
+
+    def loader() -> DataLoader:
+        return DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5))
+
+    untouched = [y.tolist() for _, y in loader()]
+    used = loader()
+    probe = draw_batches(used, 2)
+    assert [y.tolist() for _, y in probe] == untouched[:2]
+    assert [y.tolist() for _, y in used] == untouched  # the same order as if never drawn from
