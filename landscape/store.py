@@ -406,7 +406,7 @@ class RunWriter:
 
     def __init__(self, path: str | os.PathLike[str], attrs: dict[str, Any], *, overwrite: bool = False,
                  resume: bool = False, batch_rows: int = 32, max_delay: float = 0.25, max_pending: int = 128,
-                 max_pending_bytes: int = 256 * 2**20) -> None:
+                 max_pending_bytes: int = 8 * 2**20) -> None:
         self.path = Path(path)
         if overwrite and resume:
             raise ValueError("overwrite=True and resume=True contradict each other: pick one")
@@ -575,7 +575,7 @@ class RunWriter:
         return self.records.rows
 
     # -- after training -------------------------------------------------------------------------
-    def iter_trajectory(self, names: Sequence[str], max_bytes: int = 64 * 2**20) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    def iter_trajectory(self, names: Sequence[str], max_bytes: int = 8 * 2**20) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Yield ``(steps, {name: rows})`` blocks of the trajectory, ``max_bytes`` at a time."""
         self.flush()
         n = self.records.rows

@@ -20,7 +20,7 @@ import xarray as xr
 from torch import Tensor
 
 from landscape import linalg
-from landscape.functional import BlockSpec, FunctionalModel, HVPRoute
+from landscape.functional import HVP_ROUTES, BlockSpec, FunctionalModel, HVPRoute
 from landscape.schema import step_value
 from probes.base import BlockProbe, Context, Measurement, Probe, positive_int
 
@@ -38,8 +38,8 @@ class CurvatureProbe(BlockProbe):
                  route: HVPRoute = "auto", seed: int = 0) -> None:
         super().__init__(every, blocks=blocks, bn_mode=bn_mode, seed=seed)  # type: ignore[arg-type]
         self.samples = positive_int("samples (number of fixed probe batches the Hessian is taken over)", samples)
-        if route not in ("auto", "double_backward", "fwd_rev"):
-            raise ValueError(f"route must be 'auto', 'double_backward' or 'fwd_rev', got {route!r}")
+        if route not in HVP_ROUTES:
+            raise ValueError(f"route must be one of {HVP_ROUTES}, got {route!r}")
         self.route: HVPRoute = route
 
     @property
