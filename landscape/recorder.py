@@ -707,10 +707,9 @@ def _receiving(group: Any, single: bool = False) -> Callable[..., Any]:
 class _RankWriter:
     """The store's stand-in on ranks > 0: counts rows, writes nothing."""
 
-    errors: list[str] = []
-
     def __init__(self, step0: int | None, rows: int, group: Any) -> None:
         self.step0, self.rows, self.group = step0, int(rows), group
+        self.errors: list[str] = []
 
     def append(self, step: int, values: Any, trajectory: Any = None) -> None:
         if self.step0 is None:

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 import landscape
 from landscape.data import load_digits, split
@@ -83,3 +84,20 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     """Bitwise equal parameters and buffers: attaching probes must not change the trajectory."""
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+def own_loss(model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The mean loss as a function of a flat vector, written without the library: the vector is
+    split in ``named_parameters`` order (the layout ``FunctionalModel`` documents)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    x, y = batch
+
+    def f(w: torch.Tensor) -> torch.Tensor:
+        params, pos = {}, 0
+        for n, p in named:
+            params[n] = w[pos:pos + p.numel()].reshape(p.shape)
+            pos += p.numel()
+        assert pos == w.numel()
+        return loss_fn(functional_call(model, params, (x,)), y)
+
+    return f

@@ -41,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from landscape.functional import FunctionalModel, probe_guard
 from landscape.models import DigitsCNN, DigitsMLP, TinyTransformer
 from tests._helpers import digits
+from tests._helpers import own_loss as _own_loss
 
 ROUTES = ["double_backward", "fwd_rev"]
 CLOSED_RTOL = 1e-10
@@ -109,23 +110,6 @@ def _dense_by_matvec(op, d: int) -> torch.Tensor:
 def _dense_by_matmat(op, d: int, block: int = 128) -> torch.Tensor:
     eye = torch.eye(d, dtype=torch.float64)
     return torch.cat([op.matmat(eye[:, j:j + block]) for j in range(0, d, block)], dim=1)
-
-
-def _own_loss(model: nn.Module, loss_fn, batch):
-    """The mean loss as a function of a flat vector, written without the library: the vector is
-    split in ``named_parameters`` order (the layout ``FunctionalModel`` documents)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    x, y = batch
-
-    def f(w: torch.Tensor) -> torch.Tensor:
-        params, pos = {}, 0
-        for n, p in named:
-            params[n] = w[pos:pos + p.numel()].reshape(p.shape)
-            pos += p.numel()
-        assert pos == w.numel()
-        return loss_fn(functional_call(model, params, (x,)), y)
-
-    return f
 
 
 def _reference_hessian(f, w: torch.Tensor) -> torch.Tensor:

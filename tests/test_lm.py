@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import landscape
@@ -38,7 +37,7 @@ from probes import (GradientNoise, GradientOverlap, HessianSpectrum, HessianTrac
                     PreconditionedSharpness, RestrictedSecant, RiverHill, Sharpness, SpectralDensity, StepCurvature,
                     TrajectoryPCA, ValleyWidth)
 from probes.base import Context
-from tests._helpers import assert_same_weights
+from tests._helpers import assert_same_weights, own_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -198,19 +197,7 @@ def _tiny() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], torch.Tensor]
 def _own_loss(model: nn.Module, batch):
     """The mean token loss as a function of a flat vector, written without the library (own split
     of the vector in named_parameters order, own cross-entropy)."""
-    named = list(model.named_parameters())
-    x, y = batch
-
-    def f(w: torch.Tensor) -> torch.Tensor:
-        params, pos = {}, 0
-        for n, p in named:
-            params[n] = w[pos:pos + p.numel()].reshape(p.shape)
-            pos += p.numel()
-        assert pos == w.numel()
-        logits = functional_call(model, params, (x,))
-        return -torch.log_softmax(logits, -1).gather(-1, y[..., None]).mean()
-
-    return f
+    return own_loss(model, lambda logits, y: -torch.log_softmax(logits, -1).gather(-1, y[..., None]).mean(), batch)
 
 
 def _reference_hessian(f, w: torch.Tensor) -> torch.Tensor:
