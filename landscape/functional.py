@@ -443,6 +443,63 @@ class FunctionalModel:
         """Flat gradient of the loss at ``w``."""
         return self.loss_and_grad(w, batches)[1]
 
+    def losses_and_grads(self, w: Tensor, batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
+        """The loss and gradient on each of several batches separately: ``(K,)`` losses and
+        ``(K, d)`` gradients, as ``loss_and_grad(w, b)`` for each ``b``.
+
+        Batches of one shape can go through one ``torch.func.vmap`` call (one vectorised backward
+        over K batches instead of K small ones). As in :meth:`losses`, which is faster depends on
+        the model and batch size, so the first call per shape times both and keeps the faster
+        (a model vmap cannot run uses the loop); both give the same values up to rounding.
+        """
+        batches = [check_batch(b, "losses_and_grads") for b in batches]
+        if not batches:
+            raise ValueError("losses_and_grads needs at least one batch")
+        key = self._stack_key(batches)
+        choice = self._batching.get(key) if key is not None else False
+        if choice is None:  # first call for this shape: time both once, keep the faster
+            t0 = time.perf_counter()
+            loop = self._grads_loop(w, batches)
+            t1 = time.perf_counter()
+            try:
+                self._grads_vmap(w, batches)  # vmap's one-off set-up is not what we time
+                t2 = time.perf_counter()
+                stacked = self._grads_vmap(w, batches)
+                t3 = time.perf_counter()
+            except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                self._batching[key] = False
+                return loop
+            self._batching[key] = (t3 - t2) < (t1 - t0)
+            return stacked if self._batching[key] else loop
+        if choice:
+            try:
+                return self._grads_vmap(w, batches)
+            except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                self._batching[key] = False
+        return self._grads_loop(w, batches)
+
+    def _stack_key(self, batches: list[Batch]) -> tuple[Any, ...] | None:
+        """The timing key of batches that can be stacked for vmap, or None (different shapes,
+        keyword inputs, chunks, or distributed shards, whose reduction runs per batch)."""
+        if len(batches) < 2 or self.chunk_size is not None or any(isinstance(b, Shard) for b in batches):
+            return None
+        shapes = [tuple(tuple(t.shape) if isinstance(t, Tensor) else type(t) for t in b) for b in batches]
+        if any(sh != shapes[0] for sh in shapes) or not all(isinstance(t, Tensor) for t in batches[0]):
+            return None
+        return ("grads", shapes[0])
+
+    def _grads_loop(self, w: Tensor, batches: list[Batch]) -> tuple[Tensor, Tensor]:
+        losses, grads = zip(*(self.loss_and_grad(w, b) for b in batches))
+        return torch.stack(losses), torch.stack(grads)
+
+    def _grads_vmap(self, w: Tensor, batches: list[Batch]) -> tuple[Tensor, Tensor]:
+        stacked = [torch.stack([b[i] for b in batches]) for i in range(len(batches[0]))]
+        fn = torch.func.grad_and_value(lambda x, *batch: self._forward_loss(x, batch))
+        # the math attention kernel: the fused one has no vmap batching rule for its backward
+        with torch.enable_grad(), second_order_kernels():
+            grads, losses = torch.func.vmap(fn, in_dims=(None, *([0] * len(stacked))), randomness="error")(w.detach(), *stacked)
+        return losses.detach(), grads.detach()
+
     def per_sample_grads(self, w: Tensor, batch: Batch, *, chunk: int | None = None) -> Iterator[Tensor]:
         """Flat per-example gradients at ``w``, as ``(n_chunk, d)`` blocks over the examples of
         ``batch`` in order.

@@ -211,10 +211,9 @@ class RestrictedSecant(Probe):
         if lam is not None and (online or sk is not None):  # else computed at close from w_t and g_t
             directions["grad_wd"] = ctx.grad + lam * w
         if self.samples:
-            losses, grads = zip(*(fm.loss_and_grad(w, b) for b in ctx.probe_batches[: self.samples]))
-            G = torch.stack(grads)
+            losses, G = fm.losses_and_grads(w, ctx.probe_batches[: self.samples])
             directions["sample"] = G
-            out.values["sample_loss"] = var("sample_loss", torch.stack(losses).double(), ("sample",), **settings)
+            out.values["sample_loss"] = var("sample_loss", losses.double(), ("sample",), **settings)
             out.values["grad_norm"] = var("grad_norm", torch.linalg.vector_norm(G.double(), dim=1), ("sample",), **settings)
         gnorm = ctx.grad_norm if math.isfinite(ctx.grad_norm) else float(torch.linalg.vector_norm(ctx.grad, dtype=torch.float64))
         out.values["grad_norm_train"] = var("grad_norm_train", np.float64(gnorm), (), **settings)

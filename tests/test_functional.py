@@ -637,3 +637,29 @@ def test_drawing_probe_batches_leaves_a_loaders_own_generator_alone() -> None:
     probe = draw_batches(used, 2)
     assert [y.tolist() for _, y in probe] == untouched[:2]
     assert [y.tolist() for _, y in used] == untouched  # the same order as if never drawn from
+
+
+@pytest.mark.parametrize("name,bn_mode", [("mlp", "eval"), ("cnn", "train"), ("transformer", "eval")])
+def test_losses_and_grads_per_batch_equal_one_batch_at_a_time(name: str, bn_mode: str) -> None:
+    """The stacked (vmap) and looped per-batch gradients agree, and with separate loss_and_grad
+    calls: BatchNorm in train mode takes each batch's own statistics either way."""
+    torch.manual_seed(0)
+    model = {"mlp": lambda: DigitsMLP(hidden=8), "cnn": lambda: DigitsCNN(channels=3),
+             "transformer": lambda: TinyTransformer(width=8, heads=2)}[name]().double()
+    fm = FunctionalModel(model, F.cross_entropy)
+    X, y = _digits()
+    batches = [(X[i * 24:(i + 1) * 24], y[i * 24:(i + 1) * 24]) for i in range(4)]
+    w = fm.flat_params()
+    with probe_guard(model, bn_mode):  # type: ignore[arg-type]
+        ref = [fm.loss_and_grad(w, b) for b in batches]
+        for losses, grads in (fm._grads_vmap(w, batches), fm._grads_loop(w, batches), fm.losses_and_grads(w, batches)):
+            assert grads.shape == (4, fm.dim)
+            for k, (l_ref, g_ref) in enumerate(ref):
+                torch.testing.assert_close(losses[k], l_ref, rtol=RTOL64, atol=0)
+                torch.testing.assert_close(grads[k], g_ref, rtol=RTOL64, atol=1e-14)
+        assert fm._batching[("grads", ((24, 1, 8, 8), (24,)))] in (True, False)  # timed once, remembered
+        uneven = batches[:2] + [(X[:10], y[:10])]  # shapes differ: the loop, no timing key
+        _, g = fm.losses_and_grads(w, uneven)
+        torch.testing.assert_close(g[2], fm.grad(w, uneven[2]), rtol=RTOL64, atol=1e-14)
+    with pytest.raises(ValueError, match="at least one batch"):
+        fm.losses_and_grads(w, [])
