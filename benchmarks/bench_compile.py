@@ -198,7 +198,6 @@ def break_even(r: dict[str, Any]) -> dict[str, Any]:
         c_s = sum(s for g, s in c["compile_seconds"].items() if g.startswith(prefix))
         out[f"break_even_products_{kind}"] = (c_s / saved) if saved > 0 else None
     return out
-    return res
 
 
 def table(res: dict[str, Any]) -> str:

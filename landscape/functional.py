@@ -739,6 +739,10 @@ class HessianOperator:
         self.route, self._chvp = "double_backward", None
         self._build_graph()
 
+    def _reduce(self, t: Tensor) -> Tensor:
+        """Summed across ranks for distributed batches (decided once, at construction)."""
+        return self.fm.reduce(t, self.batches) if self._sharded else t
+
     def _build_graph(self) -> None:
         """The first-order graph the double-backward products reuse."""
         leaf = self.w.clone().requires_grad_(True)
@@ -752,20 +756,20 @@ class HessianOperator:
         """The loss at the point (free on the double-backward route)."""
         if self._loss is None:
             return self.fm.loss(self.w, self.batches)
-        return self.fm.reduce(self._loss, self.batches)
+        return self._reduce(self._loss)
 
     def gradient(self) -> Tensor:
         """The gradient of the same loss at the same point (free on the double-backward route,
         which computed it to build the graph; one gradient otherwise)."""
         if self._g is not None:
-            return self.fm.reduce(self._g.detach(), self.batches)
+            return self._reduce(self._g.detach())
         return self.fm.grad(self.w, self.batches)
 
     def matvec(self, v: Tensor) -> Tensor:
         """H v for one flat vector ``v``."""
         self.matvecs += 1
         v = v.to(dtype=self.dtype, device=self.w.device)
-        return self.fm.reduce(self._local_matvec(v), self.batches)
+        return self._reduce(self._local_matvec(v))
 
     def _local_matvec(self, v: Tensor) -> Tensor:
         if self._chvp is not None:
@@ -817,7 +821,7 @@ class HessianOperator:
         if V.shape[1] == 1:
             return self.matvec(V[:, 0]).unsqueeze(1)
         # Reduced once per call, whatever each rank's timing chose below.
-        return self.fm.reduce(self._local_matmat(V), self.batches)
+        return self._reduce(self._local_matmat(V))
 
     def _local_matmat(self, V: Tensor) -> Tensor:
         m = V.shape[1]

@@ -22,7 +22,7 @@ from torch import Tensor
 from landscape import linalg
 from landscape.functional import HVP_ROUTES, BlockSpec, FunctionalModel, HVPRoute
 from landscape.schema import step_value
-from probes.base import BlockProbe, Context, Measurement, Probe, positive_int
+from probes.base import BlockProbe, Context, Measurement, positive_int
 
 
 def _tolerance(tol: Any) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
