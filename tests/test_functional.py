@@ -29,6 +29,7 @@ from landscape.functional import (
 from landscape.linalg import GaussianSketch
 from landscape.models import DigitsCNN, DigitsMLP, TinyTransformer
 from landscape.schedule import Schedule
+from tests._helpers import own_loss
 
 # float64 everywhere below: products agree with the dense Hessian to ~1e-15 relative, so 1e-10
 # leaves five orders of margin for summation order while still catching any real error.
@@ -663,3 +664,20 @@ def test_losses_and_grads_per_batch_equal_one_batch_at_a_time(name: str, bn_mode
         torch.testing.assert_close(g[2], fm.grad(w, uneven[2]), rtol=RTOL64, atol=1e-14)
     with pytest.raises(ValueError, match="at least one batch"):
         fm.losses_and_grads(w, [])
+
+
+def test_a_3d_convolution_model_works_like_any_other() -> None:
+    """Backends that implement layers one by one fail on 3-D convolutions; autograd does not:
+    the HVP equals the dense float64 Hessian and per-example gradients equal a loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 2 * 2 * 2, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 3, 3, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen)
+    fm = FunctionalModel(model, F.cross_entropy)
+    w = fm.flat_params()
+    H = torch.autograd.functional.hessian(own_loss(model, F.cross_entropy, (x, y)), w)  # no library code
+    V = torch.randn(fm.dim, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(fm.hessian_operator(w, (x, y)).matmat(V), H @ V, rtol=RTOL64, atol=1e-13)
+    rows = torch.cat(list(fm.per_sample_grads(w, (x, y))))
+    loop = torch.stack([fm.grad(w, (x[i:i + 1], y[i:i + 1])) for i in range(6)])
+    torch.testing.assert_close(rows, loop, rtol=RTOL64, atol=1e-14)
