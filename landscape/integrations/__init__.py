@@ -59,6 +59,33 @@ def _draw_probe_batches(loader: Iterable[Any], count: int, where: str) -> list[A
     return batches
 
 
+def _probe_batches_for(who: str, probes: Any, probe_data: Any, train_loader: Any, world_size: int) -> Any:
+    """The ``probe_data`` a callback passes to :func:`landscape.attach`: as given, the first batches
+    of a DataLoader given as ``probe_data`` or, by default, of the trainer's train loader (drawn
+    without changing the training)."""
+    needed = _samples_needed(probes)
+    if not needed:
+        return probe_data
+    if probe_data is None:
+        if world_size > 1:
+            raise ValueError(f"under distributed training {who} needs probe_data= (the same batches on every rank); "
+                             "the ranks' train dataloaders give different batches")
+        if train_loader is None or isinstance(train_loader, (dict, list, tuple)):
+            raise ValueError(f"{who} could not draw probe batches from the trainer's train dataloader "
+                             f"({type(train_loader).__name__}): pass probe_data= explicitly")
+        return _draw_probe_batches(train_loader, needed, f"{who} probe batches (train dataloader)")
+    if _is_loader(probe_data):
+        return _draw_probe_batches(probe_data, needed, f"{who} probe_data")
+    return probe_data
+
+
+def _with_loggers(options: dict[str, Any], extra: list[Any]) -> dict[str, Any]:
+    """``attach`` options with ``extra`` loggers added to the user's ``loggers=``."""
+    loggers = options.get("loggers", ())
+    loggers = [] if loggers is None else [loggers] if not isinstance(loggers, (list, tuple)) else list(loggers)
+    return {**options, "loggers": loggers + list(extra)}
+
+
 def _is_loader(source: Any) -> bool:
     """A DataLoader-like iterable of batches (not a list of batches nor an (X, Y) pair)."""
     return isinstance(source, Iterable) and not isinstance(source, (list, tuple, Mapping, torch.Tensor))

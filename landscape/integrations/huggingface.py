@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import landscape
-from landscape.integrations import _draw_probe_batches, _is_loader, _samples_needed
+from landscape.integrations import _probe_batches_for, _with_loggers
 
 try:
     from transformers import TrainerCallback
@@ -110,24 +110,10 @@ class LandscapeTrainerCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise ValueError("LandscapeTrainerCallback: the Trainer passed no model or optimizer to on_train_begin")
         opt = _torch_optimizer(optimizer)
-        probe_data = self.probe_data
-        needed = _samples_needed(self.probes)
-        if probe_data is None and needed:
-            if getattr(args, "world_size", 1) > 1:
-                raise ValueError("under distributed training LandscapeTrainerCallback needs probe_data= (the same "
-                                 "batches on every rank); the ranks' train dataloaders give different batches")
-            if train_dataloader is None:
-                raise ValueError("LandscapeTrainerCallback: no train dataloader to draw probe batches from: pass probe_data=")
-            probe_data = _draw_probe_batches(train_dataloader, needed,
-                                             "LandscapeTrainerCallback probe batches (train dataloader)")
-        elif _is_loader(probe_data) and needed:
-            probe_data = _draw_probe_batches(probe_data, needed, "LandscapeTrainerCallback probe_data")
-        loggers = self.options.get("loggers", ())
-        loggers = [] if loggers is None else [loggers] if not isinstance(loggers, (list, tuple)) else list(loggers)
-        if self.log_to_trainer:
-            loggers.append(self._keep_latest)
+        probe_data = _probe_batches_for("LandscapeTrainerCallback", self.probes, self.probe_data, train_dataloader,
+                                       getattr(args, "world_size", 1))
         self._latest = {}
-        options = {**self.options, "loggers": loggers}
+        options = _with_loggers(self.options, [self._keep_latest] if self.log_to_trainer else [])
         self.recorder = landscape.attach(model, opt, loss_fn=self.loss_fn, probe_data=probe_data, probes=self.probes,
                                          store=self.store, run=self.run, **options)
 

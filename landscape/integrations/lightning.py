@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import landscape
-from landscape.integrations import _draw_probe_batches, _is_loader, _samples_needed
+from landscape.integrations import _probe_batches_for, _with_loggers
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -119,24 +119,11 @@ class LandscapeCallback(Callback):
             self.module if isinstance(self.module, nn.Module) else self.module(pl_module))
         if not isinstance(module, nn.Module):
             raise TypeError(f"module= gave {type(module).__name__}, not an nn.Module")
-        probe_data = self.probe_data
-        needed = _samples_needed(self.probes)
-        if probe_data is None and needed:
-            if getattr(trainer, "world_size", 1) > 1:
-                raise ValueError("under distributed training LandscapeCallback needs probe_data= (the same batches on "
-                                 "every rank); the ranks' train dataloaders give different batches")
-            loader = trainer.train_dataloader
-            if loader is None or isinstance(loader, (dict, list, tuple)):
-                raise ValueError("LandscapeCallback could not draw probe batches from the trainer's train dataloader "
-                                 f"({type(loader).__name__}): pass probe_data= explicitly")
-            probe_data = _draw_probe_batches(loader, needed, "LandscapeCallback probe batches (train dataloader)")
-        elif _is_loader(probe_data) and needed:
-            probe_data = _draw_probe_batches(probe_data, needed, "LandscapeCallback probe_data")
-        loggers = self.options.get("loggers", ())
-        loggers = [] if loggers is None else [loggers] if not isinstance(loggers, (list, tuple)) else list(loggers)
-        if self.log_to_trainer:
-            loggers += [_TrainerLogger(lg, "landscape/") for lg in getattr(trainer, "loggers", None) or ()]
-        options = {**self.options, "loggers": loggers}
+        probe_data = _probe_batches_for("LandscapeCallback", self.probes, self.probe_data,
+                                       trainer.train_dataloader if self.probe_data is None else None,
+                                       getattr(trainer, "world_size", 1))
+        extra = [_TrainerLogger(lg, "landscape/") for lg in getattr(trainer, "loggers", None) or ()] if self.log_to_trainer else []
+        options = _with_loggers(self.options, extra)
         self._optimizer = optimizer
         self._losses = []
         self.recorder = landscape.attach(module, optimizer, loss_fn=self.loss_fn, probe_data=probe_data,
