@@ -32,6 +32,12 @@ BNMode = Literal["eval", "train"]
 
 _POINTS_BYTES = 256 * 2**20  # cap on a block of parameter vectors held at once by FunctionalModel.losses
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+# Which way is faster (one vmap call or a loop; see FunctionalModel.losses, losses_and_grads and
+# HessianOperator.matmat), measured once per process for each model structure, loss, chunk size
+# and thread count: the answer depends on shapes and arithmetic, not on the weights, so a second
+# run of the same model in one process (a sweep, a benchmark, a notebook cell run again) reuses
+# it instead of paying the timing again. Both ways give the same values up to rounding.
+_TIMINGS: dict[tuple[Any, ...], dict[tuple[Any, ...], bool]] = {}
 
 
 def _tensors(item: Any) -> Iterator[Tensor]:
@@ -127,6 +133,27 @@ def move_batch(batch: Batch, device: torch.device) -> Batch:
     """Move every tensor of a batch to ``device`` (no copy when already there)."""
     items = tuple(_map_tensors(t, lambda x: x.to(device)) for t in batch)
     return Shard(items, batch.total) if isinstance(batch, Shard) else items
+
+
+class _Scope(nn.Module):
+    """Runs a function while ``functional_call`` has swapped the model's parameters (the public
+    way to evaluate the model several times at one point with one swap)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+
+def _flat_copy(tensors: Sequence[Tensor]) -> Tensor:
+    """One flat detached copy of ``tensors`` in one C call (the recorder reads w_t and g_t at
+    every recorded step, where a Python loop over the parameters measured more than the copy)."""
+    with torch.no_grad():
+        if len(tensors) == 1:  # flatten_dense_tensors returns a view of a single tensor, not a copy
+            return tensors[0].detach().reshape(-1).clone()
+        return torch._utils._flatten_dense_tensors(tensors)
 
 
 def call_model(model: nn.Module, inputs: Sequence[Any], params: Mapping[str, Tensor] | None = None) -> Any:
@@ -302,12 +329,13 @@ class FunctionalModel:
         first = self.params[0]
         self.device = first.device
         self.dtype = first.dtype
-        self._param_views: list[Tensor] | None = None
         # How HessianOperator.matmat applies a block of vectors (see there); "auto" measures once
-        # per batch shape and remembers the answer here.
+        # per batch shape and remembers the answer (in :attr:`_batching`).
         self.batched: bool | Literal["auto"] = "auto"
         self.max_batched = 32
-        self._batching: dict[tuple[Any, ...], bool] = {}
+        self._structure = (type(model).__module__, type(model).__qualname__, self.layout.names, self.layout.shapes,
+                           tuple((n, tuple(b.shape)) for n, b in model.named_buffers()), str(self.dtype), str(self.device),
+                           getattr(loss_fn, "__module__", None), getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__))
         # Examples per forward pass in probe computations (None: whole batches). Bigger batches
         # are evaluated in chunks and accumulated, so activation memory is that of one chunk.
         self.chunk_size: int | None = None
@@ -326,27 +354,33 @@ class FunctionalModel:
         """Number of trainable parameters d."""
         return self.layout.numel
 
+    @property
+    def _batching(self) -> dict[tuple[Any, ...], bool]:
+        """The remembered batched-or-loop choices of this model structure (see ``_TIMINGS``)."""
+        return _TIMINGS.setdefault((self._structure, self.chunk_size, torch.get_num_threads()), {})
+
     # -- reading the live model --------------------------------------------------------------
     def flat_params(self) -> Tensor:
         """A detached copy of the current parameters as one flat vector."""
-        views = self._param_views
-        # Flat views of the parameters' storage, built once: torch.cat of them is one C call
-        # (the recorder reads w at every recorded step). Rebuilt if a parameter's storage was
-        # swapped (``p.data = ...``).
-        if views is None or any(v.data_ptr() != p.data_ptr() for v, p in zip(views, self.params)):
-            views = self._param_views = [p.detach().reshape(-1) for p in self.params]
-        with torch.no_grad():
-            return torch.cat(views)
+        return _flat_copy(self.params)
 
     def flat_grad(self) -> Tensor:
         """A copy of the current ``.grad`` as one flat vector (zeros where a grad is None)."""
         grads = [p.grad for p in self.params]
         if all(g is not None for g in grads):
-            with torch.no_grad():  # one C call: this runs at every recorded step
-                return torch._utils._flatten_dense_tensors(grads)
+            return _flat_copy(grads)  # type: ignore[arg-type]
         with torch.no_grad():
             return torch.cat([(g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
                               for g, p in zip(grads, self.params)])
+
+    def flat_params_and_grad(self) -> tuple[Tensor, Tensor]:
+        """``(flat_params(), flat_grad())`` as two halves of one copy: one C call where every
+        parameter has a ``.grad`` (the recorder reads both at every recorded step)."""
+        grads = [p.grad for p in self.params]
+        if any(g is None or g.dtype != p.dtype for g, p in zip(grads, self.params)):
+            return self.flat_params(), self.flat_grad()
+        w, g = _flat_copy([*self.params, *grads]).split(self.dim)  # type: ignore[list-item]
+        return w, g
 
     def unflatten(self, w: Tensor) -> dict[str, Tensor]:
         """Parameter-shaped views of a flat vector."""
@@ -450,7 +484,8 @@ class FunctionalModel:
         Batches of one shape can go through one ``torch.func.vmap`` call (one vectorised backward
         over K batches instead of K small ones). As in :meth:`losses`, which is faster depends on
         the model and batch size, so the first call per shape times both and keeps the faster
-        (a model vmap cannot run uses the loop); both give the same values up to rounding.
+        for the process (a model vmap cannot run uses the loop); both give the same values up to
+        rounding. The loop swaps the parameters in once for all K batches.
         """
         batches = [check_batch(b, "losses_and_grads") for b in batches]
         if not batches:
@@ -489,8 +524,28 @@ class FunctionalModel:
         return ("grads", shapes[0])
 
     def _grads_loop(self, w: Tensor, batches: list[Batch]) -> tuple[Tensor, Tensor]:
-        losses, grads = zip(*(self.loss_and_grad(w, b) for b in batches))
-        return torch.stack(losses), torch.stack(grads)
+        if self._stack_key(batches) is None:  # chunks, shards, mixed shapes: loss_and_grad per batch
+            losses, grads = zip(*(self.loss_and_grad(w, b) for b in batches))
+            return torch.stack(losses), torch.stack(grads)
+        # One functional_call around all K batches: the parameters are swapped in once instead
+        # of K times (on the digits CNN that swap measured about a tenth of a batch's gradient),
+        # and each parameter is its own leaf, so no backward through views of the flat vector.
+        leaves = [t.detach().requires_grad_(True) for t in self.layout.views(w.detach()).values()]
+        params: dict[str, Tensor] = {**(self.buffers or {}), **dict(zip(self.layout.names, leaves))}
+        grads = torch.empty(len(batches), self.dim, dtype=w.dtype, device=w.device)
+        losses = torch.empty(len(batches), dtype=w.dtype, device=w.device)
+
+        def run() -> None:
+            for i, batch in enumerate(batches):
+                *inputs, target = batch
+                loss = self.loss_fn(call_model(self.model, inputs), target)
+                parts = torch.autograd.grad(loss, leaves, materialize_grads=True)
+                torch.cat([g.reshape(-1) for g in parts], out=grads[i])
+                losses[i] = loss.detach()
+
+        with torch.enable_grad():
+            functional_call(_Scope(self.model), {f"model.{k}": v for k, v in params.items()}, (run,))
+        return losses, grads
 
     def _grads_vmap(self, w: Tensor, batches: list[Batch]) -> tuple[Tensor, Tensor]:
         stacked = [torch.stack([b[i] for b in batches]) for i in range(len(batches[0]))]

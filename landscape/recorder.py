@@ -216,7 +216,7 @@ class Recorder:
         self._capturing = False
         self._closure_loss: float | None = None
         self._logged: dict[str, float] = {}
-        self._pending: dict[str, Any] | None = None
+        self._pending: tuple[Any, ...] | None = None
         self._closed = False
         _TAP.acquire()
         self._tapped = True
@@ -322,18 +322,20 @@ class Recorder:
 
     # -- the hooks ----------------------------------------------------------------------------
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
+        # Runs at every optimizer step: kept to a few operations when no probe is due.
         if self._closed:
             return None
         try:
-            self._stop_capture()
+            if self._capturing:
+                self._stop_capture()
             closure = args[1] if len(args) > 1 else kwargs.get("closure")
-            due = [p for p in self.probes if p.due(self.step)]
-            self._pending = {
-                "due": due,
-                "params": self.functional.flat_params() if due else None,
-                "grad": self.functional.flat_grad() if due and closure is None else None,
-                "lrs": [float(g["lr"]) if not isinstance(g["lr"], Tensor) else float(g["lr"].item()) for g in optimizer.param_groups],
-            }
+            step = self.step
+            due = [p for p in self.probes if p.due(step)]
+            params = grad = None
+            if due:  # w_t, and g_t unless a closure computes it during step()
+                params, grad = self.functional.flat_params_and_grad() if closure is None else (self.functional.flat_params(), None)
+            # float(): also a 1-element lr tensor
+            self._pending = (due, params, grad, [float(g["lr"]) for g in optimizer.param_groups])
             if closure is not None:
                 return self._wrap_closure(args, kwargs, closure)
         except Exception as exc:
@@ -362,7 +364,8 @@ class Recorder:
         except Exception as exc:
             self._internal_error(exc)
 
-    def _record(self, step: int, pending: dict[str, Any]) -> None:
+    def _record(self, step: int, pending: tuple[list[Probe], Tensor | None, Tensor | None, list[float]]) -> None:
+        due, params, grad, lrs = pending
         loss, seen = self._take_loss()
         if self.world > 1:  # the global loss: the mean of the ranks' losses (equal-sized shards, as DDP assumes)
             both = torch.tensor([loss if seen else 0.0, float(seen)], dtype=torch.float64)
@@ -374,42 +377,47 @@ class Recorder:
             flags |= 1
             self._warn_once("nonfinite-loss", f"non-finite training loss at step {step}: recorded as NaN (flag `nonfinite`)")
             loss = math.nan
-        lrs = pending["lrs"]
         values: dict[str, Var] = {
             "loss": Var((), np.float64(loss), _ATTRS["loss"]),
             "lr": Var((), np.float64(lrs[0]), _ATTRS["lr"]),
         }
-        if len(set(lrs)) > 1:
+        if len(lrs) > 1 and len(set(lrs)) > 1:
             values["lr_group"] = Var(("param_group",), np.asarray(lrs, np.float64), _ATTRS["lr_group"])
-        for k, v in self._logged.items():
-            values[k] = Var((), np.float64(v), {"long_name": k, "units": "1", "probe": "user"})
-        self._logged.clear()
-        trajectory: dict[str, Var] = {}
+        if self._logged:
+            for k, v in self._logged.items():
+                values[k] = Var((), np.float64(v), {"long_name": k, "units": "1", "probe": "user"})
+            self._logged.clear()
+        trajectory: dict[str, Var] | None = None
         failed = 0
-        if pending["due"]:
-            params = pending["params"]
-            grad = pending["grad"] if pending["grad"] is not None else self.functional.flat_grad()
+        if due:
+            assert params is not None
+            fm = self.functional
+            if grad is None:
+                grad = fm.flat_grad()
             # The norm doubles as the finiteness check (any NaN/Inf makes it non-finite).
-            grad_norm = float(torch.linalg.vector_norm(grad, dtype=torch.float64))
+            grad_norm = torch.linalg.vector_norm(grad, dtype=torch.float64).item()
             if not math.isfinite(grad_norm):
                 flags |= 2
                 self._warn_once("nonfinite-grad", f"non-finite gradient at step {step}: its geometry is recorded as NaN (flag `nonfinite`)")
             if self.world > 1:
                 self._sync_buffers()
-            ctx = _probe_base.Context(step=step, functional=self.functional, model=self.model, optimizer=self.optimizer,
-                          probe_batches=self.probe_batches, params=params, grad=grad,
-                          update=self.functional.flat_params() - params, loss=loss, lr=lrs[0],
-                          weight_decay=self.weight_decay, grad_norm=grad_norm)
-            for probe in pending["due"]:
+            ctx = _probe_base.Context(step=step, functional=fm, model=self.model, optimizer=self.optimizer,
+                                      probe_batches=self.probe_batches, params=params, grad=grad,
+                                      update=fm.flat_params().sub_(params), loss=loss, lr=lrs[0],
+                                      weight_decay=self.weight_decay, grad_norm=grad_norm)
+            trajectory = {}
+            for probe in due:
                 out = self._run_probe(probe, probe.measure, ctx)
                 if out is None:
                     failed += 1
                     continue
                 values.update(out.values)
                 trajectory.update(out.trajectory)
+            for v in trajectory.values():  # the writer thread gets arrays, never live tensors
+                v.data = _to_numpy(v.data)
         values["nonfinite"] = Var((), np.int8(flags), _ATTRS["nonfinite"])
         values["probe_failed"] = Var((), np.int8(failed), _ATTRS["probe_failed"])
-        self.writer.append(step, values, {k: Var(v.dims, _to_numpy(v.data), v.attrs) for k, v in trajectory.items()} or None)
+        self.writer.append(step, values, trajectory or None)
         if self.loggers and self.rank == 0:
             self._emit(step, values)
 
@@ -452,8 +460,11 @@ class Recorder:
             else:
                 out = fn(ctx)
             if isinstance(out, _probe_base.Measurement):
-                own = probe.coords()
-                out.values = {k: _aligned(Var(v.dims, _to_numpy(v.data), v.attrs), own, self.coords) for k, v in out.values.items()}
+                own = probe.coords() if self.coords else {}
+                for v in out.values.values():
+                    v.data = _to_numpy(v.data)
+                if own:
+                    out.values = {k: _aligned(v, own, self.coords) for k, v in out.values.items()}
             return out
         except Exception as exc:
             info = self.probe_errors.setdefault(probe.name, {"count": 0, "first_step": ctx.step, "error": ""})
@@ -615,7 +626,8 @@ def _aligned(v: Var, own: dict[str, list[Any]], union: dict[str, list[Any]]) -> 
 
 def _to_numpy(x: Any) -> Any:
     if isinstance(x, Tensor):
-        return x.detach().cpu().numpy()
+        # one call for the usual CPU tensor without grad (this runs for every stored vector)
+        return x.numpy() if x.is_cpu and not x.requires_grad else x.detach().cpu().numpy()
     return x
 
 

@@ -199,4 +199,6 @@ def trajectory_var(x: Tensor, dims: tuple[str, ...], what: str, probe: str, sket
     attrs: dict[str, Any] = {"long_name": what, "units": "1", "probe": probe}
     if sketch is not None:
         attrs["sketch"] = sketch.describe()
-    return Var(dims, x.detach().to(torch.float32), attrs)
+    if x.dtype != torch.float32 or x.requires_grad:  # per-step path: no call when it is float32 already
+        x = x.detach().to(torch.float32)
+    return Var(dims, x, attrs)

@@ -204,7 +204,7 @@ class RestrictedSecant(Probe):
         fm, w = ctx.functional, ctx.params
         out = Measurement()
         settings = self._settings()
-        directions: dict[str, Tensor] = {"grad": ctx.grad, "update": -ctx.update}
+        directions: dict[str, Tensor] = {"grad": ctx.grad}
         lam = self._lambda(ctx)
         online, sk = self._ref is not None, self._sketch
         if lam is not None and (online or sk is not None):  # else computed at close from w_t and g_t
@@ -217,6 +217,7 @@ class RestrictedSecant(Probe):
         gnorm = ctx.grad_norm if math.isfinite(ctx.grad_norm) else float(torch.linalg.vector_norm(ctx.grad, dtype=torch.float64))
         out.values["grad_norm_train"] = var("grad_norm_train", np.float64(gnorm), (), **settings)
         if online:
+            directions["update"] = -ctx.update
             y = (w - self._ref).double()
             out.values["dist_to_ref"] = var("dist_to_ref", torch.linalg.vector_norm(y), (), **settings)
             for suffix, key in VARIANTS.items():

@@ -681,3 +681,74 @@ def test_a_3d_convolution_model_works_like_any_other() -> None:
     rows = torch.cat(list(fm.per_sample_grads(w, (x, y))))
     loop = torch.stack([fm.grad(w, (x[i:i + 1], y[i:i + 1])) for i in range(6)])
     torch.testing.assert_close(rows, loop, rtol=RTOL64, atol=1e-14)
+
+
+def test_flat_copies_do_not_alias_the_model() -> None:
+    """flat_params / flat_grad / flat_params_and_grad are copies, also for a model with a single
+    parameter tensor (where a flatten of one tensor would return a view of it)."""
+    model = nn.Linear(3, 1, bias=False).double()
+    fm = FunctionalModel(model, F.mse_loss)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    F.mse_loss(model(x), y).backward()
+    w0, g0 = model.weight.detach().reshape(-1).clone(), model.weight.grad.reshape(-1).clone()
+    w, g = fm.flat_params(), fm.flat_grad()
+    w2, g2 = fm.flat_params_and_grad()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+        model.weight.grad.mul_(3.0)
+    for a, b in ((w, w0), (w2, w0), (g, g0), (g2, g0)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.weight.grad = None  # no grad yet: zeros, through the separate copies
+    w3, g3 = fm.flat_params_and_grad()
+    torch.testing.assert_close(w3, w0 + 1.0, rtol=0, atol=0)
+    assert torch.equal(g3, torch.zeros(3, dtype=torch.float64))
+
+
+def test_per_batch_gradients_with_unused_parameters_and_given_buffers() -> None:
+    """The one-swap loop of losses_and_grads gives zeros for a parameter the loss does not use
+    and evaluates with FunctionalModel.buffers when set (rank 0's under torch.distributed)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.bn = nn.BatchNorm2d(2)
+            self.head = nn.Linear(72, 10)
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+    model = Net().double().eval()
+    fm = FunctionalModel(model, F.cross_entropy)
+    X, y = _digits()
+    batches = [(X[i * 16:(i + 1) * 16], y[i * 16:(i + 1) * 16]) for i in range(3)]
+    w = fm.flat_params()
+    fm.buffers = {"bn.running_mean": torch.full((2,), 0.3, dtype=torch.float64),
+                  "bn.running_var": torch.full((2,), 2.0, dtype=torch.float64)}
+    losses, grads = fm._grads_loop(w, batches)
+    sl = fm.layout.slices()
+    for k, b in enumerate(batches):
+        loss, g = fm.loss_and_grad(w, b)
+        torch.testing.assert_close(losses[k], loss, rtol=RTOL64, atol=0)
+        torch.testing.assert_close(grads[k], g, rtol=RTOL64, atol=1e-14)
+        assert not grads[k][sl["unused.weight"]].any() and not grads[k][sl["unused.bias"]].any()
+    fm.buffers = None  # the module's own statistics give other numbers: the buffers were used
+    assert not torch.allclose(fm._grads_loop(w, batches)[0], losses)
+
+
+def test_batched_or_loop_choices_are_shared_by_models_of_one_structure() -> None:
+    """The timing of vmap against a loop is done once per model structure (and chunk size,
+    thread count) in a process: a second run of the same model reuses it."""
+    a = FunctionalModel(DigitsMLP(hidden=5), F.cross_entropy)
+    b = FunctionalModel(DigitsMLP(hidden=5), F.cross_entropy)
+    other = FunctionalModel(DigitsMLP(hidden=6), F.cross_entropy)
+    key = ("grads", "test-key")
+    a._batching[key] = True
+    assert b._batching.get(key) is True
+    assert key not in other._batching  # other shapes
+    b.set_chunk_size(4)
+    assert key not in b._batching  # chunks change the arithmetic
+    assert key not in FunctionalModel(DigitsMLP(hidden=5), F.mse_loss)._batching  # another loss
+    del a._batching[key]
