@@ -387,10 +387,6 @@ class _Record:
     step: int
     values: dict[str, Var]
     trajectory: dict[str, Var] | None = None
-    pooled: list[np.ndarray] | None = None  # buffers to give back to the writer's pool once written
-
-
-_POOL_MIN_BYTES = 16 * 1024  # vectors at least this big are copied into reused buffers
 
 
 class RunWriter:
@@ -457,12 +453,6 @@ class RunWriter:
         self._flushing = 0
         self._pending_bytes = 0
         self._first_pending = 0.0
-        # Reused buffers for queued vectors, by (shape, dtype): append() copies into one, so the
-        # caller's array is free at once (the recorder's are gone by the next step), and the
-        # queue's memory stays the same few buffers instead of a group of fresh vectors freed
-        # together after each write, which glibc tends to hand back to the system and the next
-        # steps fault in again (benchmarks/README.md, page faults).
-        self._pool: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
         if max_delay < 0 or batch_rows < 1:
             raise ValueError(f"need max_delay >= 0 and batch_rows >= 1, got {max_delay} and {batch_rows}")
         self.max_pending, self.batch_rows, self.max_delay = max_pending, batch_rows, float(max_delay)
@@ -512,9 +502,6 @@ class RunWriter:
                 self._write_batch(batch)
             finally:
                 with self._cv:
-                    for rec in batch:
-                        for buf in rec.pooled or ():
-                            self._pool.setdefault((buf.shape, buf.dtype.str), []).append(buf)
                     self._busy = False
                     self._cv.notify_all()
 
@@ -556,29 +543,13 @@ class RunWriter:
                                      or self._pending_bytes + size > self.max_pending_bytes):
                 self._cv.notify_all()
                 self._cv.wait()
-            pooled: list[np.ndarray] | None = None
-            if trajectory:
-                pooled = []
-                trajectory = {k: self._pooled_copy(v, pooled) for k, v in trajectory.items()}
             if not self._pending:
                 self._first_pending = time.monotonic()
-            self._pending.append(_Record(step, values, trajectory, pooled))
+            self._pending.append(_Record(step, values, trajectory))
             self._pending_bytes += size
             if (len(self._pending) == self.batch_rows or self._pending_bytes >= self.max_pending_bytes // 2
                     or self.max_delay <= 0):
                 self._cv.notify_all()
-
-    def _pooled_copy(self, v: Var, pooled: list[np.ndarray]) -> Var:
-        """``v`` with its vector copied into a buffer from the pool (the caller holds the lock):
-        the caller's array is free at once, and the queue's memory stays mapped."""
-        data = v.data
-        if not isinstance(data, np.ndarray) or data.nbytes < _POOL_MIN_BYTES:
-            return v
-        free = self._pool.get((data.shape, data.dtype.str))
-        buf = free.pop() if free else np.empty(data.shape, data.dtype)
-        np.copyto(buf, data)
-        pooled.append(buf)
-        return Var(v.dims, buf, v.attrs)
 
     def flush(self) -> None:
         """Wait until everything queued is committed."""

@@ -306,26 +306,3 @@ def test_commit_delay_bounds_what_a_kill_can_lose(tmp_path):
     with pytest.raises(ValueError, match="commit_delay"):
         landscape.attach(model, opt, loss_fn=F.cross_entropy, store=tmp_path / "x.zarr", commit_delay=-1)
     assert not (tmp_path / "x.zarr").exists()
-
-
-def test_queued_vectors_are_copies_in_reused_buffers(tmp_path):
-    """append() copies big vectors into the writer's reused buffers: the caller may overwrite its
-    array at once (as the recorder's next step does), every row reads back as it was appended,
-    and the buffers of written groups serve later steps (no fresh memory per step)."""
-    path = tmp_path / "r.zarr"
-    w = RunWriter(path, {}, batch_rows=4, max_delay=0)
-    rng = np.random.default_rng(1)
-    expected = rng.standard_normal((30, 6000)).astype(np.float32)
-    scratch = np.empty(6000, np.float32)  # one array the caller reuses for every step
-    for i in range(30):
-        scratch[:] = expected[i]
-        w.append(i, {"loss": Var((), np.float64(i), {})}, {"v": Var(("param",), scratch, {})})
-        scratch[:] = np.nan  # overwritten before the writer got to it
-        if i % 3 == 2:
-            w.flush()  # at most 3 vectors in flight at once
-    w.flush()
-    # every buffer is back in the pool: 3 at most were ever made for 30 steps
-    assert 1 <= len(w._pool[((6000,), "<f4")]) <= 3
-    w.close()
-    traj = landscape.open_trajectory(path)
-    np.testing.assert_array_equal(traj.v.values, expected)
