@@ -16,16 +16,18 @@ A closure passed to ``optimizer.step(closure)`` is wrapped and its first value t
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as _dt
 import functools
 import json
 import math
 import tempfile
+import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +47,27 @@ if TYPE_CHECKING:
 
 # Built once: the writer reads a variable's attrs only when it creates the array.
 _ATTRS = {name: attrs_for(name) for name in ("loss", "lr", "lr_group", "nonfinite", "probe_failed")}
+# The usual row flags, shared by every row (nothing writes to a Var once it is queued).
+_NO_FLAG = {name: Var((), np.int8(0), _ATTRS[name]) for name in ("nonfinite", "probe_failed")}
+# Steps measured in one batch at most, and the longest step (seconds) that is deferred at all:
+# past it the measuring costs too little of the step to matter, and is done at once.
+_DEFER_STEPS = 32
+_QUICK_STEP_S = 0.05
+
+
+class _Step(NamedTuple):
+    """What one optimizer step leaves for the probes, read at the step."""
+
+    step: int
+    due: list[Probe]
+    params: Tensor | None  # w_t
+    grad: Tensor | None  # g_t
+    update: Tensor | None  # w_{t+1} - w_t
+    lrs: list[float]
+    buf: _StepBuffer | None  # where params, grad and update live when lent
+    roots: list[Tensor]  # what .backward() was called on
+    closure_loss: float | None
+    logged: dict[str, float] | None  # rec.log(...)
 
 
 class _BackwardTap:
@@ -123,9 +146,13 @@ class Recorder:
         probe_batch_size: batch size when ``probe_data`` is an ``(X, Y)`` pair.
         seed: seed for splitting ``probe_data``.
         commit_delay: seconds by which the store may lag training: steps are committed in
-            groups (32 steps, or this long after the first), which keeps the writer thread from
-            waking at every step. ``0`` commits each step as soon as possible (what a
-            ``kill -9`` can lose is then only the step being written).
+            groups (32 steps, or half this long after the first), which keeps the writer thread
+            from waking at every step; and quick steps (under 50 ms) whose due probes read only
+            the step's own values (:attr:`probes.base.Probe.reads_only_step`, e.g.
+            ``RestrictedSecant(samples=0)``) are measured in batches (32 steps, or half this
+            long after the first), which costs a CPU training loop several times less than
+            measuring each step between two others. ``0`` measures and commits each step as soon
+            as possible (what a ``kill -9`` can lose is then only the step being written).
         loggers: where each recorded step's scalars also go, beside the store: callables
             ``logger(scalars: dict[str, float], step: int)`` (``wandb.log``, a Lightning logger's
             ``log_metrics``, ``mlflow.log_metrics``), a ``torch.utils.tensorboard.SummaryWriter``,
@@ -183,6 +210,7 @@ class Recorder:
         self.functional = FunctionalModel(inner, loss_fn, named)
         self.functional.set_chunk_size(probe_chunk_size)
         self.functional.group = self.group
+        self._buffers = _StepBuffers(self.functional.params)
         self.loggers = _check_loggers(loggers)
         needed = max([p.samples_needed for p in probes] + [0])
         batches = draw_batches(probe_data, needed, batch_size=probe_batch_size, seed=seed) if needed else []
@@ -203,8 +231,9 @@ class Recorder:
         if self.world > 1:
             self.writer = self._open_distributed(run or {}, loss_fn, overwrite, resume, float(commit_delay))
         else:
+            # half of the delay for the writer's groups, half for steps measured in batches
             self.writer = RunWriter(self.path, self._run_attrs(run or {}, loss_fn), overwrite=overwrite, resume=resume,
-                                    max_delay=float(commit_delay))
+                                    max_delay=float(commit_delay) / 2)
         if self.coords:
             self.writer.write_dataset(xr.Dataset(coords={k: (k, np.asarray(v)) for k, v in self.coords.items()}))
 
@@ -217,6 +246,11 @@ class Recorder:
         self._closure_loss: float | None = None
         self._logged: dict[str, float] = {}
         self._pending: tuple[Any, ...] | None = None
+        self._deferred: list[_Step] = []
+        self._deferred_since = self._last_step = -math.inf
+        # deferring reorders nothing but the recorder's own work, which under torch.distributed
+        # includes collectives: those must run at the same point on every rank
+        self._defer_s = float(commit_delay) / 2 if self.world == 1 else 0.0
         self._closed = False
         _TAP.acquire()
         self._tapped = True
@@ -289,8 +323,11 @@ class Recorder:
     def _stop_capture(self) -> None:
         if self._capturing:
             self._capturing = False
-            with contextlib.suppress(ValueError):
-                _TAP.sinks.remove(self._roots)
+            sinks = _TAP.sinks
+            for i, sink in enumerate(sinks):  # by identity: list.remove compares lists by value
+                if sink is self._roots:
+                    del sinks[i]
+                    break
 
     def log(self, **scalars: float) -> None:
         """Record extra scalars (or the loss) for the current step: ``rec.log(loss=loss, acc=acc)``."""
@@ -301,24 +338,19 @@ class Recorder:
         """Store run-level results in the dataset attrs (e.g. ``test_accuracy=0.97``)."""
         self.writer.set_attrs(**attrs)
 
-    def _take_loss(self) -> tuple[float, bool]:
+    def _take_loss(self, step: _Step) -> tuple[float, bool]:
         """The step's loss and whether one was seen at all."""
-        seen = True
-        if "loss" in self._logged:
-            value = self._logged.pop("loss")
-        elif self._closure_loss is not None:
-            value = self._closure_loss
-        elif self._roots:
-            scalars = [float(r) for r in self._roots if r.numel() == 1]
-            value = math.fsum(scalars) if scalars else math.nan
-        else:
-            value, seen = math.nan, False
-            if self.step <= 1:
-                self._warn_once("noloss", "landscape saw no loss at step 0 (no .backward() after model(...), no closure): "
-                                          "call rec.log(loss=loss) in the loop to record it")
-        self._roots.clear()
-        self._closure_loss = None
-        return value, seen
+        if step.logged and "loss" in step.logged:
+            return step.logged.pop("loss"), True
+        if step.closure_loss is not None:
+            return step.closure_loss, True
+        if step.roots:
+            scalars = [float(r) for r in step.roots if r.numel() == 1]
+            return (math.fsum(scalars) if scalars else math.nan), True
+        if step.step == 0:
+            self._warn_once("noloss", "landscape saw no loss at step 0 (no .backward() after model(...), no closure): "
+                                      "call rec.log(loss=loss) in the loop to record it")
+        return math.nan, False
 
     # -- the hooks ----------------------------------------------------------------------------
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> Any:
@@ -331,11 +363,21 @@ class Recorder:
             closure = args[1] if len(args) > 1 else kwargs.get("closure")
             step = self.step
             due = [p for p in self.probes if p.due(step)]
-            params = grad = None
+            params = grad = buf = None
+            if self._pending is not None and self._pending[4] is not None:
+                self._pending[4].release()  # the last step() raised before its post-hook
             if due:  # w_t, and g_t unless a closure computes it during step()
-                params, grad = self.functional.flat_params_and_grad() if closure is None else (self.functional.flat_params(), None)
+                if not any(p.holds_step_vectors for p in due):
+                    buf = self._buffers.take()
+                if buf is not None:
+                    buf.read(with_grad=closure is None)
+                    params, grad = buf.w, (buf.g if closure is None else None)
+                elif closure is None:
+                    params, grad = self.functional.flat_params_and_grad()
+                else:
+                    params = self.functional.flat_params()
             # float(): also a 1-element lr tensor
-            self._pending = (due, params, grad, [float(g["lr"]) for g in optimizer.param_groups])
+            self._pending = (due, params, grad, [float(g["lr"]) for g in optimizer.param_groups], buf)
             if closure is not None:
                 return self._wrap_closure(args, kwargs, closure)
         except Exception as exc:
@@ -360,13 +402,80 @@ class Recorder:
         step = self.step
         self.step += 1
         try:
-            self._record(step, pending)
+            self._capture(step, pending)
         except Exception as exc:
             self._internal_error(exc)
 
-    def _record(self, step: int, pending: tuple[list[Probe], Tensor | None, Tensor | None, list[float]]) -> None:
-        due, params, grad, lrs = pending
-        loss, seen = self._take_loss()
+    def _capture(self, index: int, pending: tuple[list[Probe], Tensor | None, Tensor | None, list[float], _StepBuffer | None]) -> None:
+        """Read what the step leaves behind (the parameters move on at the next one), then
+        measure it now or, when the step was quick and its due probes read nothing else
+        (:attr:`probes.base.Probe.reads_only_step`), together with the next few steps."""
+        due, params, grad, lrs, buf = pending
+        update = None
+        if self._capturing:
+            self._stop_capture()
+        if due:
+            try:
+                if buf is not None:
+                    if grad is None:  # a closure computed it during step()
+                        buf.read_grad()
+                        grad = buf.g
+                    buf.finish()
+                    update = buf.u
+                else:
+                    if grad is None:
+                        grad = self.functional.flat_grad()
+                    assert params is not None
+                    update = self.functional.flat_params().sub_(params)
+            except BaseException:
+                if buf is not None:
+                    buf.release()
+                raise
+        logged = None
+        if self._logged:
+            logged, self._logged = self._logged, {}
+        step = _Step(index, due, params, grad, update, lrs, buf, self._roots, self._closure_loss, logged)
+        self._roots, self._closure_loss = [], None
+        now = time.monotonic()
+        quick = now - self._last_step < _QUICK_STEP_S
+        self._last_step = now
+        if self._defer_s > 0 and quick and all(p.reads_only_step for p in due):
+            # On a CPU every distinct call after the optimizer step runs cold (its code and data
+            # were evicted by forward and backward), several times slower than in a loop; a
+            # batch of steps measured back to back runs warm.
+            if not self._deferred:
+                self._deferred_since = now
+            self._deferred.append(step)
+            if len(self._deferred) >= _DEFER_STEPS or now - self._deferred_since >= self._defer_s:
+                self._drain()
+        else:
+            self._drain()  # the store takes steps in order
+            self._record(step)
+
+    def _drain(self) -> None:
+        """Measure and queue the deferred steps, in order."""
+        while self._deferred:
+            steps, self._deferred = self._deferred, []
+            for step in steps:
+                try:
+                    self._record(step)
+                except Exception as exc:
+                    self._internal_error(exc)
+
+    def _record(self, step: _Step) -> None:
+        lent = False
+        try:
+            values, lent = self._queue_step(step)
+        finally:
+            if step.buf is not None and not lent:  # else the writer returns it once written
+                step.buf.release()
+        if self.loggers and self.rank == 0:
+            self._emit(step.step, values)
+
+    def _queue_step(self, item: _Step) -> tuple[dict[str, Var], bool]:
+        """Measure the step and queue its row: (the row, whether its buffer went with it)."""
+        step, due, params, grad, update, lrs, buf = item.step, item.due, item.params, item.grad, item.update, item.lrs, item.buf
+        loss, seen = self._take_loss(item)
         if self.world > 1:  # the global loss: the mean of the ranks' losses (equal-sized shards, as DDP assumes)
             both = torch.tensor([loss if seen else 0.0, float(seen)], dtype=torch.float64)
             _dist().all_reduce(both, group=self.group)
@@ -383,19 +492,17 @@ class Recorder:
         }
         if len(lrs) > 1 and len(set(lrs)) > 1:
             values["lr_group"] = Var(("param_group",), np.asarray(lrs, np.float64), _ATTRS["lr_group"])
-        if self._logged:
-            for k, v in self._logged.items():
+        if item.logged:
+            for k, v in item.logged.items():
                 values[k] = Var((), np.float64(v), {"long_name": k, "units": "1", "probe": "user"})
-            self._logged.clear()
         trajectory: dict[str, Var] | None = None
         failed = 0
+        lent = False
         if due:
-            assert params is not None
+            assert params is not None and grad is not None and update is not None
             fm = self.functional
-            if grad is None:
-                grad = fm.flat_grad()
             # The norm doubles as the finiteness check (any NaN/Inf makes it non-finite).
-            grad_norm = torch.linalg.vector_norm(grad, dtype=torch.float64).item()
+            grad_norm = self._buffers.norm(grad, buf)
             if not math.isfinite(grad_norm):
                 flags |= 2
                 self._warn_once("nonfinite-grad", f"non-finite gradient at step {step}: its geometry is recorded as NaN (flag `nonfinite`)")
@@ -403,7 +510,7 @@ class Recorder:
                 self._sync_buffers()
             ctx = _probe_base.Context(step=step, functional=fm, model=self.model, optimizer=self.optimizer,
                                       probe_batches=self.probe_batches, params=params, grad=grad,
-                                      update=fm.flat_params().sub_(params), loss=loss, lr=lrs[0],
+                                      update=update, loss=loss, lr=lrs[0],
                                       weight_decay=self.weight_decay, grad_norm=grad_norm)
             trajectory = {}
             for probe in due:
@@ -413,13 +520,17 @@ class Recorder:
                     continue
                 values.update(out.values)
                 trajectory.update(out.trajectory)
+            arrays = buf.arrays if buf is not None else {}
             for v in trajectory.values():  # the writer thread gets arrays, never live tensors
-                v.data = _to_numpy(v.data)
-        values["nonfinite"] = Var((), np.int8(flags), _ATTRS["nonfinite"])
-        values["probe_failed"] = Var((), np.int8(failed), _ATTRS["probe_failed"])
-        self.writer.append(step, values, trajectory or None)
-        if self.loggers and self.rank == 0:
-            self._emit(step, values)
+                shared = arrays.get(id(v.data))
+                if shared is not None:  # a lent buffer: the writer writes from it and returns it
+                    v.data, lent = shared, True
+                else:
+                    v.data = _to_numpy(v.data)
+        values["nonfinite"] = _NO_FLAG["nonfinite"] if not flags else Var((), np.int8(flags), _ATTRS["nonfinite"])
+        values["probe_failed"] = _NO_FLAG["probe_failed"] if not failed else Var((), np.int8(failed), _ATTRS["probe_failed"])
+        self.writer.append(step, values, trajectory or None, buf.release if lent else None)  # type: ignore[union-attr]
+        return values, lent
 
     def _sync_buffers(self) -> None:
         """Rank 0's buffers (BatchNorm running statistics) for the probes of every rank, without
@@ -490,6 +601,7 @@ class Recorder:
     # -- the end ------------------------------------------------------------------------------
     def flush(self) -> None:
         """Wait until every recorded step is committed to the store."""
+        self._drain()
         self.writer.flush()
 
     def close(self) -> None:
@@ -502,6 +614,7 @@ class Recorder:
             h.remove()
         self._untap()
         try:
+            self._drain()
             self.writer.flush()
             final = self.functional.flat_params()
             if self.world > 1:
@@ -549,7 +662,7 @@ class Recorder:
             raise RuntimeError(f"this is rank {self.rank}: under torch.distributed only rank 0 writes the store "
                                f"({self.path}); read it there, or after training with landscape.open_run")
         if not self._closed:
-            self.writer.flush()
+            self.flush()
         return open_run(self.path)
 
     def __enter__(self) -> "Recorder":
@@ -570,6 +683,130 @@ class Recorder:
                 self._untap()
         except Exception:
             pass
+
+
+class _StepBuffers:
+    """Reused flat buffers for a recorded step's w_t, g_t and w_{t+1} - w_t.
+
+    Lent to the step's probes when none of them keeps the vectors
+    (:attr:`probes.base.Probe.holds_step_vectors` False). Reading a step is then one
+    ``_foreach_copy_`` into memory that is allocated and paged in already, where a flatten
+    allocates and copies tensor by tensor; the vectors a probe streams go to the writer thread as
+    numpy views of the buffer, which it writes from directly and hands back after. Between a
+    backward pass and the optimizer step every distinct torch call measured 40-150 us on a 2-core
+    CPU (cold caches), so the number of calls matters more than the bytes.
+
+    A buffer is taken by the training thread and returned by whoever holds it last (the writer
+    thread for streamed vectors); ``deque`` appends and pops are atomic. When all ``limit``
+    buffers are out (a slow disk), the recorder copies the step the usual way.
+    """
+
+    MAX_BYTES = 64 * 2**20  # all buffers together; bigger models copy each step (it is rarer there)
+    MAX_COUNT = 160  # the writer's queue (128 steps) plus one group being written
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        p0 = self.params[0]
+        self.dim = sum(p.numel() for p in self.params)
+        self.dtype, self.device = p0.dtype, p0.device
+        same = all(p.dtype == p0.dtype and p.device == p0.device and p.layout == torch.strided for p in self.params)
+        size = 3 * self.dim * p0.element_size()
+        self.limit = min(self.MAX_COUNT, self.MAX_BYTES // size) if same else 0
+        # numpy views only where the store writes these bytes as they are (float32 on the CPU)
+        self.numpy = p0.device.type == "cpu" and p0.dtype == torch.float32
+        self.free: collections.deque[_StepBuffer] = collections.deque()
+        self.made = 0
+        self._scratch = np.empty(0)
+
+    def norm(self, grad: Tensor, buf: _StepBuffer | None) -> float:
+        """|grad| in float64 (NaN or inf where it has one). On the CPU: a copy into a float64
+        scratch vector and a BLAS dot, half the time of torch's float64 norm, the same way for
+        lent and copied vectors (so both give the same bits). Training thread only."""
+        g = buf.arrays.get(id(grad)) if buf is not None else None
+        if g is None:
+            if grad.device.type != "cpu" or grad.dtype not in (torch.float32, torch.float64, torch.float16):
+                return torch.linalg.vector_norm(grad, dtype=torch.float64).item()
+            g = grad.detach().numpy()
+        if self._scratch.shape != g.shape:
+            self._scratch = np.empty(g.shape)
+        np.copyto(self._scratch, g)
+        return math.sqrt(float(np.dot(self._scratch, self._scratch)))
+
+    def take(self) -> _StepBuffer | None:
+        """A free buffer, a new one while under the limit, or None."""
+        try:
+            return self.free.popleft()
+        except IndexError:
+            if self.made >= self.limit:
+                return None
+            self._grow(min(8, self.limit - self.made))
+            return self.free.popleft()
+
+    def _grow(self, count: int) -> None:
+        """``count`` more buffers from one allocation, with one split for all their
+        parameter-shaped views (made one by one, they cost 3x as much)."""
+        d = self.dim
+        block = torch.empty(count * 3 * d, dtype=self.dtype, device=self.device)
+        shapes = [p.shape for p in self.params] * 3
+        parts = torch.split_with_sizes(block, [s.numel() for s in shapes] * count)
+        views = [t if len(s) == 1 else t.view(s) for t, s in zip(parts, shapes * count)]
+        flat = block.numpy() if self.numpy else None
+        per = len(shapes)
+        for i in range(count):
+            lo = 3 * d * i
+            arrays = flat[lo:lo + 3 * d] if flat is not None else None
+            self.free.append(_StepBuffer(self, block[lo:lo + 3 * d], views[per * i:per * (i + 1)], arrays))
+        self.made += count
+
+
+class _StepBuffer:
+    """One step's ``w``, ``g`` and ``u`` (= w_{t+1} - w_t) in one allocation (see :class:`_StepBuffers`)."""
+
+    __slots__ = ("owner", "w", "g", "u", "_wg", "_u", "arrays")
+
+    def __init__(self, owner: _StepBuffers, buf: Tensor, views: list[Tensor], flat: np.ndarray | None) -> None:
+        d, n = owner.dim, len(owner.params)
+        self.owner = owner
+        self.w, self.g, self.u = buf.split(d)
+        self._wg, self._u = views[:2 * n], views[2 * n:]
+        # the numpy twins of w, g and u: what the writer thread gets for them
+        self.arrays: dict[int, np.ndarray] = {}
+        if flat is not None:
+            self.arrays = {id(self.w): flat[:d], id(self.g): flat[d:2 * d], id(self.u): flat[2 * d:]}
+
+    def read(self, with_grad: bool) -> None:
+        """Copy in w_t and, if asked, g_t (a parameter without ``.grad`` has a zero gradient)."""
+        params = self.owner.params
+        with torch.no_grad():
+            if not with_grad:
+                torch._foreach_copy_(self._wg[:len(params)], params)
+                return
+            grads = [p.grad for p in params]
+            if all(g is not None for g in grads):
+                torch._foreach_copy_(self._wg, [*params, *grads])  # type: ignore[list-item]
+                return
+            n = len(params)
+            present = [i for i, g in enumerate(grads) if g is not None]
+            torch._foreach_copy_(self._wg[:n] + [self._wg[n + i] for i in present], [*params, *[grads[i] for i in present]])  # type: ignore[misc]
+            for i, g in enumerate(grads):
+                if g is None:
+                    self._wg[n + i].zero_()
+
+    def read_grad(self) -> None:
+        """Copy in g_t alone (a closure computed it during the step)."""
+        params = self.owner.params
+        with torch.no_grad():
+            for view, p in zip(self._wg[len(params):], params):
+                view.copy_(p.grad) if p.grad is not None else view.zero_()
+
+    def finish(self) -> None:
+        """u = w_{t+1} - w_t, after the optimizer step."""
+        with torch.no_grad():
+            torch._foreach_copy_(self._u, self.owner.params)
+            self.u.sub_(self.w)
+
+    def release(self) -> None:
+        self.owner.free.append(self)
 
 
 def _union_coords(probes: Sequence[Probe]) -> dict[str, list[Any]]:
@@ -723,10 +960,12 @@ class _RankWriter:
         self.step0, self.rows, self.group = step0, int(rows), group
         self.errors: list[str] = []
 
-    def append(self, step: int, values: Any, trajectory: Any = None) -> None:
+    def append(self, step: int, values: Any, trajectory: Any = None, release: Callable[[], None] | None = None) -> None:
         if self.step0 is None:
             self.step0 = step
         self.rows += 1
+        if release is not None:
+            release()
 
     def write_dataset(self, ds: Any) -> None:
         pass
@@ -740,7 +979,7 @@ class _RankWriter:
     def close(self) -> None:
         pass
 
-    def iter_trajectory(self, names: Sequence[str], max_bytes: int = 0) -> Any:
+    def iter_trajectory(self, names: Sequence[str], max_bytes: int = 0, reuse: bool = False) -> Any:
         raise RuntimeError("only rank 0 holds the trajectory")
 
 

@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import xarray as xr
@@ -238,17 +238,21 @@ class _Column:
             raise ValueError(f"{self.dir.name}: row shape changed from {self.rest} to {data.shape[1:]}")
         self.write(row, memoryview(np.ascontiguousarray(data)).cast("B"))
 
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Rows [lo, hi) straight from the chunk files."""
-        out = np.empty((hi - lo, *self.rest), dtype=self.dtype)
+    def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [lo, hi) straight from the chunk files (into ``out``, C-contiguous, if given)."""
+        if out is None:
+            out = np.empty((hi - lo, *self.rest), dtype=self.dtype)
+        flat = memoryview(out.reshape(-1).view(np.uint8))
         row = lo
         while row < hi:
             chunk, r0 = divmod(row, self.chunk_rows)
             n = min(hi - row, self.chunk_rows - r0)
-            with open(self.key(chunk), "rb") as f:
+            at = (row - lo) * self.row_bytes
+            with open(self.key(chunk), "rb", buffering=0) as f:  # one copy: file cache -> out
                 f.seek(r0 * self.row_bytes)
-                block = np.frombuffer(f.read(n * self.row_bytes), dtype=self.dtype)
-            out[row - lo:row - lo + n] = block.reshape((n, *self.rest))
+                got = f.readinto(flat[at:at + n * self.row_bytes])
+            if got != n * self.row_bytes:
+                raise StoreError(f"{self.key(chunk)}: short read ({got} of {n * self.row_bytes} bytes)")
             row += n
         return out
 
@@ -350,8 +354,8 @@ class _Table:
                         col.write(start + i, col.fill_row)
         self.rows = start + len(rows)
 
-    def read(self, name: str, lo: int, hi: int) -> np.ndarray:
-        return self.columns[name].read(lo, hi)
+    def read(self, name: str, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        return self.columns[name].read(lo, hi, out)
 
     def trim(self) -> None:
         """Shape the arrays to the committed rows. An array that fits in its first chunk gets a
@@ -387,6 +391,7 @@ class _Record:
     step: int
     values: dict[str, Var]
     trajectory: dict[str, Var] | None = None
+    release: Callable[[], None] | None = None  # the arrays' owner may reuse them once written
 
 
 class RunWriter:
@@ -474,13 +479,14 @@ class RunWriter:
                 or time.monotonic() - self._first_pending >= self.max_delay)
 
     def _run(self) -> None:
-        if sys.platform.startswith("linux"):
-            # Lowest priority for this thread only: it then runs when a core is free instead of
-            # preempting torch's threads mid-step (A/B on 2 cores: about 6 % of a digits-CNN step
-            # with every-step vectors). If training saturates the machine the queue fills and
-            # append() waits, which hands the writer its turn.
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        # Lowest priority for this thread once it has written its first group: it then runs when
+        # a core is free instead of preempting torch's threads mid-step (A/B on 2 cores: about 6 %
+        # of a digits-CNN step with every-step vectors); if training saturates the machine the
+        # queue fills and append() waits, which hands the writer its turn. The first group, which
+        # creates the arrays (a few dozen files), goes at normal priority: at nice 19 each of its
+        # syscalls waited for a free core, and it took 0.3-0.5 s instead of 8 ms while the
+        # queue, and the step buffers the recorder lends to it, piled up.
+        lowered = not sys.platform.startswith("linux")
         while True:
             with self._cv:
                 # Appends do not wake this thread (except for a full group): on a 2-core machine a
@@ -501,6 +507,13 @@ class RunWriter:
             try:
                 self._write_batch(batch)
             finally:
+                for rec in batch:  # written (or given up on): the arrays are not read again
+                    if rec.release is not None:
+                        rec.release()
+                if not lowered and batch:
+                    lowered = True
+                    with contextlib.suppress(OSError):
+                        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
                 with self._cv:
                     self._busy = False
                     self._cv.notify_all()
@@ -531,8 +544,12 @@ class RunWriter:
         os.pwrite(self._commit_fd, text.encode().ljust(_COMMIT_BYTES), 0)
 
     # -- the training thread ------------------------------------------------------------------
-    def append(self, step: int, values: dict[str, Var], trajectory: dict[str, Var] | None = None) -> None:
-        """Queue one step's row (and its trajectory vectors). Never raises a write error."""
+    def append(self, step: int, values: dict[str, Var], trajectory: dict[str, Var] | None = None,
+               release: Callable[[], None] | None = None) -> None:
+        """Queue one step's row (and its trajectory vectors). Never raises a write error.
+
+        ``release`` is called (on the writer thread) once the step is written: the caller may
+        then reuse the memory of the arrays it handed over."""
         if self.closed:
             raise StoreError(f"store {self.path} is closed")
         self._warn_errors()
@@ -545,7 +562,7 @@ class RunWriter:
                 self._cv.wait()
             if not self._pending:
                 self._first_pending = time.monotonic()
-            self._pending.append(_Record(step, values, trajectory))
+            self._pending.append(_Record(step, values, trajectory, release))
             self._pending_bytes += size
             if (len(self._pending) == self.batch_rows or self._pending_bytes >= self.max_pending_bytes // 2
                     or self.max_delay <= 0):
@@ -575,18 +592,25 @@ class RunWriter:
         return self.records.rows
 
     # -- after training -------------------------------------------------------------------------
-    def iter_trajectory(self, names: Sequence[str], max_bytes: int = 8 * 2**20) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Yield ``(steps, {name: rows})`` blocks of the trajectory, ``max_bytes`` at a time."""
+    def iter_trajectory(self, names: Sequence[str], max_bytes: int = 8 * 2**20,
+                        reuse: bool = False) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Yield ``(steps, {name: rows})`` blocks of the trajectory, ``max_bytes`` at a time.
+
+        ``reuse``: every block is read into the same arrays, which the next block overwrites (no
+        allocation per block: fresh big arrays cost a page fault per 4 KiB on first touch)."""
         self.flush()
         n = self.records.rows
         if n == 0:
             return
         cols = [name for name in names if name in self.records.columns]
         per_row = sum(self.records.columns[c].row_bytes for c in cols) or 1
-        block = max(1, max_bytes // per_row)
+        block = max(1, min(n, max_bytes // per_row))
+        bufs = {c: np.empty((block, *self.records.columns[c].rest), self.records.columns[c].dtype)
+                for c in ("step", *cols)} if reuse else {}
         for lo in range(0, n, block):
             hi = min(n, lo + block)
-            yield self.records.read("step", lo, hi), {c: self.records.read(c, lo, hi) for c in cols}
+            yield self.records.read("step", lo, hi, bufs["step"][:hi - lo] if reuse else None), {
+                c: self.records.read(c, lo, hi, bufs[c][:hi - lo] if reuse else None) for c in cols}
 
     def write_dataset(self, ds: xr.Dataset) -> None:
         """Write finalize results: variables over a subset of steps are placed on their rows."""

@@ -41,7 +41,9 @@ class Context:
 
     ``params`` is w_t (the point before update t), ``grad`` the gradient the optimizer received at
     step t (after the user's clipping/accumulation, before momentum or Adam), ``update`` the
-    realised w_{t+1} - w_t. All flat, detached copies the probe may keep.
+    realised w_{t+1} - w_t. All flat, detached copies the probe may keep, unless every probe due
+    at the step says :attr:`Probe.holds_step_vectors` is False: then they are buffers the
+    recorder lends for the step and reuses afterwards.
     """
 
     step: int
@@ -124,6 +126,24 @@ class Probe:
         only."""
         return True
 
+    @property
+    def holds_step_vectors(self) -> bool:
+        """Whether :meth:`measure` may keep ``ctx.params``, ``ctx.grad`` or ``ctx.update`` (or
+        views of them) after it returns. False promises it only reads them during the call, or
+        returns them unchanged as trajectory vectors (the recorder streams those and reuses the
+        buffers once written): the recorder then reads each step into buffers it already holds,
+        one copy call instead of an allocation and a copy per parameter."""
+        return True
+
+    @property
+    def reads_only_step(self) -> bool:
+        """Whether :meth:`measure` depends on nothing but the Context's values of the step
+        (step, params, grad, update, loss, lr, weight_decay, grad_norm) and this probe's own
+        fixed settings: not on the model, the optimizer or the probe batches, which change or
+        are evaluated as training goes on. True lets the recorder measure quick steps a few
+        steps late, in batches (see ``commit_delay`` of :class:`landscape.Recorder`)."""
+        return False
+
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
         """Called once by ``attach``, before training: validate against the model."""
 
@@ -199,6 +219,9 @@ def trajectory_var(x: Tensor, dims: tuple[str, ...], what: str, probe: str, sket
     attrs: dict[str, Any] = {"long_name": what, "units": "1", "probe": probe}
     if sketch is not None:
         attrs["sketch"] = sketch.describe()
-    if x.dtype != torch.float32 or x.requires_grad:  # per-step path: no call when it is float32 already
-        x = x.detach().to(torch.float32)
-    return Var(dims, x, attrs)
+    return Var(dims, float32(x), attrs)
+
+
+def float32(x: Tensor) -> Tensor:
+    """``x`` as a detached float32 tensor: ``x`` itself when it is one already (per-step path)."""
+    return x if x.dtype == torch.float32 and not x.requires_grad else x.detach().to(torch.float32)

@@ -21,10 +21,11 @@ from torch import Tensor
 
 from landscape.functional import FunctionalModel, flat_point
 from landscape.linalg import GaussianSketch
-from landscape.schema import attrs_for, var
-from probes.base import Context, Measurement, Probe, trajectory_var
+from landscape.schema import Var, attrs_for, var
+from probes.base import Context, Measurement, Probe, float32, trajectory_var
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+_FINAL_BLOCK_BYTES = 2**20  # trajectory rows per block at close: about a CPU's L2 cache
 VARIANTS = {"": "sample", "_train": "grad", "_wd": "grad_wd", "_update": "update"}
 
 
@@ -162,6 +163,10 @@ class RestrictedSecant(Probe):
         self._ref: Tensor | None = None
         self._sketch: GaussianSketch | None = None
         self._dim = 0
+        # built once: measure() runs at every recorded step
+        self._step_settings = self._settings()
+        self._norm_attrs = attrs_for("grad_norm_train", **self._step_settings)
+        self._stream_attrs: dict[str, dict[str, Any]] = {}
 
     @property
     def samples_needed(self) -> int:
@@ -175,8 +180,17 @@ class RestrictedSecant(Probe):
     def finalize_evaluates_model(self) -> bool:
         return False  # RSI/EB against w* are inner products of stored vectors
 
+    @property
+    def holds_step_vectors(self) -> bool:
+        return False  # reads the step's vectors, or streams them unchanged
+
+    @property
+    def reads_only_step(self) -> bool:
+        return self.samples == 0  # probe-batch gradients evaluate the model at w_t, now
+
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
         self._dim = functional.dim
+        self._stream_attrs = {}
         if self.reference is not None:
             self._ref = flat_point(self.reference, functional)
         if self.sketch_k is not None:
@@ -209,7 +223,7 @@ class RestrictedSecant(Probe):
         assert ctx.params is not None and ctx.grad is not None and ctx.update is not None
         fm, w = ctx.functional, ctx.params
         out = Measurement()
-        settings = self._settings()
+        settings = self._step_settings
         directions: dict[str, Tensor] = {"grad": ctx.grad}
         lam = self._lambda(ctx)
         online, sk = self._ref is not None, self._sketch
@@ -221,7 +235,7 @@ class RestrictedSecant(Probe):
             out.values["sample_loss"] = var("sample_loss", losses.double(), ("sample",), **settings)
             out.values["grad_norm"] = var("grad_norm", torch.linalg.vector_norm(G.double(), dim=1), ("sample",), **settings)
         gnorm = ctx.grad_norm if math.isfinite(ctx.grad_norm) else float(torch.linalg.vector_norm(ctx.grad, dtype=torch.float64))
-        out.values["grad_norm_train"] = var("grad_norm_train", np.float64(gnorm), (), **settings)
+        out.values["grad_norm_train"] = Var((), np.float64(gnorm), self._norm_attrs)
         if online:
             directions["update"] = -ctx.update
             y = (w - self._ref).double()
@@ -238,14 +252,25 @@ class RestrictedSecant(Probe):
             return out
         # Against the final iterate: stream the vectors; the numbers come at close().
         vec_dim = "sketch" if sk is not None else "param"
-        out.trajectory["params"] = trajectory_var(sk(w) if sk else w, (vec_dim,), "parameters w_t", self.name, sk)
-        out.trajectory["grad"] = trajectory_var(sk(ctx.grad) if sk else ctx.grad, (vec_dim,), "training gradient g_t", self.name, sk)
-        out.trajectory["update"] = trajectory_var(sk(ctx.update) if sk else ctx.update, (vec_dim,), "update w_{t+1} - w_t", self.name, sk)
+        out.trajectory["params"] = self._streamed("params", sk(w) if sk else w, (vec_dim,), "parameters w_t")
+        out.trajectory["grad"] = self._streamed("grad", sk(ctx.grad) if sk else ctx.grad, (vec_dim,), "training gradient g_t")
+        out.trajectory["update"] = self._streamed("update", sk(ctx.update) if sk else ctx.update, (vec_dim,), "update w_{t+1} - w_t")
         if sk is not None and lam is not None:
-            out.trajectory["grad_wd"] = trajectory_var(sk(directions["grad_wd"]), (vec_dim,), "g_t + lambda w_t", self.name, sk)
+            out.trajectory["grad_wd"] = self._streamed("grad_wd", sk(directions["grad_wd"]), (vec_dim,), "g_t + lambda w_t")
         if self.samples:
-            out.trajectory["sample_grad"] = trajectory_var(sk(directions["sample"]) if sk else directions["sample"], ("sample", vec_dim), "probe-batch gradients", self.name, sk)
+            out.trajectory["sample_grad"] = self._streamed("sample_grad", sk(directions["sample"]) if sk else directions["sample"],
+                                                           ("sample", vec_dim), "probe-batch gradients")
         return out
+
+    def _streamed(self, name: str, x: Tensor, dims: tuple[str, ...], what: str) -> Var:
+        """A trajectory vector; its attrs are built at the first step and shared after (they
+        never change, and this runs at every recorded step)."""
+        attrs = self._stream_attrs.get(name)
+        if attrs is None:
+            v = trajectory_var(x, dims, what, self.name, self._sketch)
+            self._stream_attrs[name] = v.attrs
+            return v
+        return Var(dims, float32(x), attrs)
 
     def _variant_attrs(self, suffix: str, lam: Tensor | None) -> dict[str, Any]:
         if suffix == "_wd":
@@ -283,42 +308,60 @@ class RestrictedSecant(Probe):
                                      probe_batches=[], params=ctx.final_params, weight_decay=ctx.weight_decay))
         # in sketch mode the _wd direction was sketched during training; lam is for the attrs
         lam = lam_t.double().cpu().numpy() if lam_t is not None and sk is None else None
-        blocks: dict[str, list[np.ndarray]] = {}
+        # per variant: <direction, y> and |direction|^2 of each block; the quantities at the end
+        sums: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        dists: list[np.ndarray] = []
         all_steps: list[np.ndarray] = []
-        for steps, arrs in ctx.trajectory(["params", "grad", "update", "grad_wd", "sample_grad"]):
-            # float32 rows, float64 sums: einsum with a float64 operand accumulates in double
-            # without float64 copies of every stored vector (the memory traffic dominates here).
-            P = arrs["params"]
-            Y = P - wT  # float64
-            dist = np.sqrt(np.einsum("md,md->m", Y, Y))
-            G = arrs["grad"]
-            dot_g, gg = np.einsum("md,md->m", G, Y), np.einsum("md,md->m", G, G, dtype=np.float64)
+        buf = np.empty((0, 0))
+        # Small blocks, read into the same buffers: they stay in the CPU's cache through the sums
+        # below, and no fresh memory is paged in per block.
+        for steps, arrs in ctx.trajectory(["params", "grad", "update", "grad_wd", "sample_grad"],
+                                          max_bytes=_FINAL_BLOCK_BYTES, reuse=True):
+            P, m = arrs["params"], len(steps)
+            extra = arrs.get("grad_wd")  # sketch mode: g + lam w, sketched during training
+            k = 3 + (extra is not None or lam is not None)
+            if buf.shape[0] < m or buf.shape[1] != k:  # the first block is the biggest
+                buf = np.empty((m, k, P.shape[1]))
+            stack = buf[:m]
+            # rows y = w_t - w*, g, u and (lam w or the stored g + lam w), in float64: one batched
+            # product gives every inner product among them, accumulated in double
+            np.subtract(P, wT, out=stack[:, 0])
+            stack[:, 1] = arrs["grad"]
+            stack[:, 2] = arrs["update"]
+            if extra is not None:
+                stack[:, 3] = extra
+            elif lam is not None:
+                np.multiply(P, lam, out=stack[:, 3])
+            gram = stack @ stack.transpose(0, 2, 1)  # (m, k, k)
+            dists.append(np.sqrt(gram[:, 0, 0]))
             # (dot with y, squared norm) per direction, without materialising the directions
-            dirs: dict[str, tuple[np.ndarray, np.ndarray]] = {"_train": (dot_g, gg)}
-            U = arrs["update"]
-            dirs["_update"] = (-np.einsum("md,md->m", U, Y), np.einsum("md,md->m", U, U, dtype=np.float64))
-            if "grad_wd" in arrs:
-                W = arrs["grad_wd"]
-                dirs["_wd"] = (np.einsum("md,md->m", W, Y), np.einsum("md,md->m", W, W, dtype=np.float64))
+            dirs = {"_train": (gram[:, 1, 0], gram[:, 1, 1]), "_update": (-gram[:, 2, 0], gram[:, 2, 2])}
+            if extra is not None:
+                dirs["_wd"] = (gram[:, 3, 0], gram[:, 3, 3])
             elif lam is not None:  # g + lam w: <g, y> + <lam w, y>, |g|^2 + 2 <g, lam w> + |lam w|^2
-                dirs["_wd"] = (dot_g + np.einsum("md,d,md->m", P, lam, Y),
-                               gg + 2 * np.einsum("md,d,md->m", G, lam, P) + np.einsum("md,d,md->m", P, lam * lam, P))
+                dirs["_wd"] = (gram[:, 1, 0] + gram[:, 3, 0], gram[:, 1, 1] + 2 * gram[:, 1, 3] + gram[:, 3, 3])
             if "sample_grad" in arrs:
-                S = arrs["sample_grad"]
+                S, Y = arrs["sample_grad"], stack[:, 0]
                 dirs[""] = (np.einsum("mkd,md->mk", S, Y), np.einsum("mkd,mkd->mk", S, S, dtype=np.float64))
             for suffix, (dot, sq) in dirs.items():
-                dd = dist[:, None].repeat(dot.shape[1], 1) if dot.ndim == 2 else dist
-                for name, value in secant_quantities(dot, np.sqrt(np.maximum(sq, 0.0)), dd).items():
-                    blocks.setdefault(name + suffix, []).append(value)
-            blocks.setdefault("dist_to_ref", []).append(dist)
-            all_steps.append(steps)
+                parts = sums.setdefault(suffix, ([], []))
+                parts[0].append(dot)
+                parts[1].append(sq)
+            all_steps.append(steps.copy())  # the next block is read into the same array
         if not all_steps:
             return None
         steps = np.concatenate(all_steps)
+        dist = np.concatenate(dists)
+        blocks: dict[str, np.ndarray] = {}
+        for suffix, (dots, sqs) in sums.items():
+            dot = np.concatenate(dots)
+            dd = dist[:, None].repeat(dot.shape[1], 1) if dot.ndim == 2 else dist
+            for name, value in secant_quantities(dot, np.sqrt(np.maximum(np.concatenate(sqs), 0.0)), dd).items():
+                blocks[name + suffix] = value
+        blocks["dist_to_ref"] = dist
         lam_attrs = self._variant_attrs("_wd", lam_t) if lam_t is not None else {}
         data_vars = {}
-        for name, parts in blocks.items():
-            value = np.concatenate(parts)
+        for name, value in blocks.items():
             dims = ("step", "sample") if value.ndim == 2 else ("step",)
             extra = lam_attrs if name.endswith("_wd") else {}
             data_vars[name] = (dims, value, attrs_for(name, **settings, **extra))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from _helpers import digits, loader, train
 
 import landscape
+import landscape.recorder as recorder_module
 from landscape.models import DigitsCNN, DigitsMLP
 from landscape.schema import var
 from probes import Measurement, Probe, RestrictedSecant
@@ -321,3 +322,114 @@ def test_loss_capture_two_recorders_and_tap_removed(tmp_path):
     assert torch.autograd.backward is original
     assert landscape.open_run(tmp_path / "a.zarr").loss.values.tolist() == seen1
     assert landscape.open_run(tmp_path / "b.zarr").loss.values.tolist() == seen2
+
+
+# -- the per-step fast path: lent buffers, quick steps measured in batches ------------------------
+
+
+class _Copying(RestrictedSecant):
+    """The same probe on the plain path: a fresh copy of the step's vectors, measured at once."""
+
+    @property
+    def holds_step_vectors(self) -> bool:
+        return True
+
+    @property
+    def reads_only_step(self) -> bool:
+        return False
+
+
+class _Keeper(Probe):
+    """Keeps the step's vectors, as the Context allows a probe to."""
+
+    name = "Keeper"
+
+    def __init__(self, every: int) -> None:
+        super().__init__(every)
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def evaluates_model(self) -> bool:
+        return False
+
+    def measure(self, ctx):  # type: ignore[no-untyped-def]
+        self.kept[ctx.step] = (ctx.params, ctx.grad, ctx.update)
+        return Measurement()
+
+
+def _record_mlp(store, probes, steps, **options):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    model.unused = torch.nn.Parameter(torch.ones(3))  # never gets a .grad: a zero gradient
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    logged: list[tuple[int, float]] = []
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=probes, store=store,
+                           loggers=[lambda scalars, step: logged.append((step, scalars["grad_norm_train"]))], **options)
+    train(model, opt, steps)
+    rec.close()
+    return rec, logged
+
+
+def test_lent_buffers_and_batched_steps_record_the_same_numbers(tmp_path, monkeypatch):
+    """RestrictedSecant(samples=0) gets each step in a reused buffer and is measured in batches of
+    quick steps. With 3 buffers (the writer holds them until written, so most steps fall back to
+    copies and the 3 are reused over and over) every stored number and every logged value equals
+    the copy-and-measure-at-once path's, bit for bit, in step order; every buffer comes back."""
+    monkeypatch.setattr(recorder_module._StepBuffers, "MAX_COUNT", 3)
+    batches: list[int] = []
+    drain = recorder_module.Recorder._drain
+
+    def counted(self):  # type: ignore[no-untyped-def]
+        batches.append(len(self._deferred))
+        drain(self)
+
+    monkeypatch.setattr(recorder_module.Recorder, "_drain", counted)
+    fast, fast_log = _record_mlp(tmp_path / "fast.zarr", [RestrictedSecant(every=1, samples=0)], 70)
+    assert max(batches) > 1  # steps were measured in batches
+    assert fast._buffers.made == 3 and len(fast._buffers.free) == 3
+    batches.clear()
+    slow, slow_log = _record_mlp(tmp_path / "slow.zarr", [_Copying(every=1, samples=0)], 70, commit_delay=0)
+    assert max(batches, default=0) == 0 and slow._buffers.made == 0
+    a, b = landscape.open_run(tmp_path / "fast.zarr"), landscape.open_run(tmp_path / "slow.zarr")
+    assert set(a.data_vars) == set(b.data_vars) and a.sizes["step"] == 70
+    for name in b.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    ta, tb = landscape.open_trajectory(tmp_path / "fast.zarr"), landscape.open_trajectory(tmp_path / "slow.zarr")
+    for name in ("params", "grad", "update"):
+        np.testing.assert_array_equal(ta[name].values, tb[name].values, err_msg=name)
+    unused = fast.functional.layout.slices()["unused"]
+    assert (ta["grad"].values[:, unused] == 0).all() and (ta["update"].values[:, unused] == 0).all()
+    assert (ta["params"].values[:, unused] == 1).all()  # the optimizer skips a parameter without .grad
+    assert fast_log == slow_log and [s for s, _ in fast_log] == list(range(70))
+
+
+def test_a_probe_that_keeps_the_vectors_gets_copies(tmp_path):
+    """At steps where a probe that may keep ctx vectors is due, nobody gets lent buffers: what it
+    kept is still w_t, g_t and the update after later steps reused the buffers."""
+    keeper = _Keeper(every=2)
+    rec, _ = _record_mlp(tmp_path / "r.zarr", [RestrictedSecant(every=1, samples=0), keeper], 40)
+    traj = landscape.open_trajectory(tmp_path / "r.zarr")
+    assert rec._buffers.made > 0 and sorted(keeper.kept) == list(range(0, 40, 2))
+    for step, (w, g, u) in keeper.kept.items():
+        for name, v in (("params", w), ("grad", g), ("update", u)):
+            np.testing.assert_array_equal(traj[name].values[step], v.numpy(), err_msg=f"{name} at {step}")
+
+
+def test_a_step_that_raises_gives_its_buffer_back(tmp_path):
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0)],
+                           store=tmp_path / "r.zarr")
+    train(model, opt, 3)
+
+    def failing() -> torch.Tensor:
+        raise RuntimeError("the user's closure failed")
+
+    with pytest.raises(RuntimeError, match="closure failed"):
+        opt.step(failing)  # the pre-step hook took a buffer; no post-step hook comes
+    train(model, opt, 3)
+    rec.close()
+    assert len(rec._buffers.free) == rec._buffers.made > 0
+    ds = landscape.open_run(tmp_path / "r.zarr")
+    assert ds.step.values.tolist() == list(range(6)) and np.isfinite(ds.rsi_train.values[:5]).all()
