@@ -702,7 +702,7 @@ class _StepBuffers:
     """
 
     MAX_BYTES = 64 * 2**20  # all buffers together; bigger models copy each step (it is rarer there)
-    MAX_COUNT = 160  # the writer's queue (128 steps) plus one group being written
+    MAX_COUNT = 160  # the writer's queue (128 steps) plus a batch of steps being measured (32)
 
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = list(params)

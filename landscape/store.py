@@ -242,6 +242,8 @@ class _Column:
         """Rows [lo, hi) straight from the chunk files (into ``out``, C-contiguous, if given)."""
         if out is None:
             out = np.empty((hi - lo, *self.rest), dtype=self.dtype)
+        elif not out.flags.c_contiguous or out.dtype != self.dtype:  # reshape would read into a copy
+            raise ValueError(f"{self.dir.name}: read into a C-contiguous {self.dtype} array, got {out.dtype} {out.strides}")
         flat = memoryview(out.reshape(-1).view(np.uint8))
         row = lo
         while row < hi:
