@@ -1,6 +1,6 @@
 """Spine benchmarks: what recording costs a training loop, and what an HVP costs against a gradient.
 
-    python benchmarks/bench_spine.py            # full run (about 6 minutes on 2 idle CPU cores)
+    python benchmarks/bench_spine.py            # full run (about 10 minutes on 2 idle CPU cores)
     python benchmarks/bench_spine.py --quick    # smoke check (< 60 s; numbers are indicative only)
     python benchmarks/bench_spine.py --profile  # also cProfile one recorded run per configuration
     python benchmarks/bench_spine.py --malloc tuned  # glibc keeps freed memory mapped (both sides)
@@ -8,7 +8,9 @@
 Every figure is a ratio of two things measured side by side in this process, interleaved
 (A B, then B A on the next repeat, ...), after a warm-up that is not counted, with
 ``torch.set_num_threads(2)``. The median ratio over repeats is reported with its spread
-(min, quartiles, max). Results go to ``benchmarks/results/spine.json``; a markdown table is
+(min, quartiles, max). The training ratios are measured twice: whole runs (plain, then recorded)
+and paired runs (a plain and a recorded model stepped alternately in one loop: the machine's
+drift hits both alike). Results go to ``benchmarks/results/spine.json``; a markdown table is
 printed. See benchmarks/README.md for what each ratio means.
 """
 from __future__ import annotations
@@ -220,14 +222,87 @@ def train_run(data: Digits, steps: int, probes: list | None, *, seed: int = 0, s
     return out
 
 
+def _thread_cpu_s(thread: Any) -> float:
+    """CPU seconds used so far by another thread of this process (Linux ``schedstat``; NaN elsewhere)."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, AttributeError):
+        return float("nan")
+
+
+def paired_run(data: Digits, steps: int, probes: list, *, seed: int = 0, store_dir: Path | None = None) -> dict[str, Any]:
+    """A plain and a recorded run of the same model on the same batches, stepped alternately in
+    one loop (plain then recorded on even steps, recorded then plain on odd ones).
+
+    Whole runs of this VM drift by up to 2x in speed within a process; stepping the two side by
+    side makes the drift hit both alike every few milliseconds. The recorded side's time is its
+    steps plus ``attach`` and ``close``. The store's writer thread works at low priority during
+    whichever step is running, so part of what it costs lands on the plain side, and both sides
+    share the caches that the recorder's memory traffic evicts: this ratio leans low.
+    ``writer_cpu_ms`` is the writer's CPU time during the loop, and ``ratio_writer_charged``
+    adds all of it to the recorded side, which leans high (most of it runs while a core is idle).
+    """
+    torch.manual_seed(seed)
+    plain_model = DigitsCNN()
+    torch.manual_seed(seed)
+    rec_model = DigitsCNN()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (plain_model, rec_model)]
+    X, y = data.Xtr, data.ytr
+    n, bs = X.shape[0], 64
+    gen = torch.Generator().manual_seed(seed)
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    while len(batches) < steps:
+        perm = torch.randperm(n, generator=gen)
+        batches += [(X[perm[i:i + bs]], y[perm[i:i + bs]]) for i in range(0, n - bs + 1, bs)]
+    batches = batches[:steps]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-spine-", dir=store_dir))
+    sides = [(plain_model, opts[0]), (rec_model, opts[1])]
+    torch.manual_seed(seed + 1)
+    rng = [torch.get_rng_state(), torch.get_rng_state()]  # each side its own dropout draws
+    spent = [0.0, 0.0]
+    losses: list[torch.Tensor] = [torch.zeros(()), torch.zeros(())]
+    gc.collect()
+    t0 = time.perf_counter()
+    rec = landscape.attach(rec_model, opts[1], loss_fn=F.cross_entropy, probe_data=(X, y), probe_batch_size=64,
+                           probes=probes, store=tmp / "run.zarr", run={"optimizer": "sgd", "seed": seed})
+    attach_s = time.perf_counter() - t0
+    for i, (xb, yb) in enumerate(batches):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            model, opt = sides[side]
+            torch.set_rng_state(rng[side])
+            t = time.perf_counter()
+            opt.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            spent[side] += time.perf_counter() - t
+            rng[side] = torch.get_rng_state()
+            losses[side] = loss
+    writer_cpu = _thread_cpu_s(getattr(rec.writer, "_thread", None))
+    t = time.perf_counter()
+    rec.close()
+    close_s = time.perf_counter() - t
+    errors = (dict(rec.probe_errors), list(rec.writer.errors))
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain_s, rec_s = spent
+    total = rec_s + attach_s + close_s
+    return {"ratio": total / plain_s, "loop_ratio": rec_s / plain_s,
+            "ratio_writer_charged": (total + writer_cpu) / plain_s, "writer_cpu_ms": 1e3 * writer_cpu,
+            "attach_plus_close_ms": 1e3 * (attach_s + close_s), "plain_ms_per_step": 1e3 * plain_s / steps,
+            "same_final_loss": float(losses[0].detach()) == float(losses[1].detach()), "errors": errors}
+
+
 def _store_dir(name: str, store_dir: Path | None, configs: dict[str, tuple] | None = None) -> Path | None:
     return TMPFS if (CONFIGS if configs is None else configs)[name][3] else store_dir
 
 
 def bench_training(data: Digits, steps: int, repeats: int, log: Callable[[str], None], guard: Contention,
-                   store_dir: Path | None = None, configs: dict[str, tuple] | None = None) -> dict[str, Any]:
+                   store_dir: Path | None = None, configs: dict[str, tuple] | None = None,
+                   paired_repeats: int = 0) -> dict[str, Any]:
     """The with/without ratios of ``configs`` (default :data:`CONFIGS`; same layout: name -> (probe
-    factory, target, description, store on tmpfs))."""
+    factory, target, description, store on tmpfs)): whole runs, then ``paired_repeats`` of
+    :func:`paired_run` per configuration."""
     configs = CONFIGS if configs is None else configs
     names = [k for k, v in configs.items() if not v[3] or (TMPFS.is_dir() and os.access(TMPFS, os.W_OK))]
     # warm-up: one run of each kind, not counted (allocator, imports, zarr, first-call caches)
@@ -269,10 +344,20 @@ def bench_training(data: Digits, steps: int, repeats: int, log: Callable[[str], 
             plain_faults.append(plain["page_faults"] / steps)
             storage[name] = {k: rec[k] for k in ("store_bytes", "store_bytes_allocated", "store_files", "rows", "probe_rows", "dim")}
         log(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v['total'][-1]:.2f}x" for k, v in ratios.items()))
+    paired: dict[str, list[dict[str, Any]]] = {k: [] for k in names}
+    for r in range(paired_repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            make, sd = configs[name][0], _store_dir(name, store_dir, configs)
+            res = guard.measure(lambda: paired_run(data, steps, make(), store_dir=sd), log)
+            if not res["same_final_loss"] or any(res["errors"]):
+                raise RuntimeError(f"{name} (paired): the trajectories differ or the recorder reported errors: {res['errors']}")
+            paired[name].append(res)
+        log(f"  paired {r + 1}/{paired_repeats}: " + ", ".join(f"{k} {v[-1]['ratio']:.3f}x" for k, v in paired.items()))
     if load:
         load.append(os.getloadavg()[0])
     contention = guard.summary()
-    out: dict[str, Any] = {"steps_per_run": steps, "repeats": repeats, "plain_ms_per_step": spread(plain_ms),
+    out: dict[str, Any] = {"steps_per_run": steps, "repeats": repeats, "paired_repeats": paired_repeats,
+                           "plain_ms_per_step": spread(plain_ms),
                            "plain_page_faults_per_step": spread(plain_faults),
                            "store_dir": str(store_dir or tempfile.gettempdir()), "loadavg_1min_before_after": load,
                            "contention": contention, "configs": {}}
@@ -290,6 +375,9 @@ def bench_training(data: Digits, steps: int, repeats: int, log: Callable[[str], 
             "page_faults_per_step": spread(faults[name]),
             "target": target,
             "met": None if target is None else bool(statistics.median(ratios[name]["total"]) <= target),
+            "paired": {k: spread([p[k] for p in paired[name]]) for k in
+                       ("ratio", "loop_ratio", "ratio_writer_charged", "writer_cpu_ms", "attach_plus_close_ms",
+                        "plain_ms_per_step")} if paired[name] else None,
             "storage": {
                 **s,
                 "bytes_per_recorded_step": s["store_bytes"] / rows,
@@ -299,6 +387,7 @@ def bench_training(data: Digits, steps: int, repeats: int, log: Callable[[str], 
                 "allocated_bytes_per_recorded_step": s["store_bytes_allocated"] / rows,
             },
         }
+        out["configs"][name]["met_paired"] = target_met(out["configs"][name], "paired")
     return out
 
 
@@ -457,6 +546,13 @@ def fmt(s: dict[str, float], unit: str = "x", digits: int = 3) -> str:
     return f"{s['median']:.{digits}f}{unit} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
 
 
+def target_met(c: dict[str, Any], kind: str = "whole") -> bool | None:
+    """Whether a config's median ratio (whole runs, or ``"paired"``) is within its target."""
+    if c["target"] is None or (kind == "paired" and not c.get("paired")):
+        return None
+    return bool((c["paired"]["ratio"] if kind == "paired" else c["ratio"])["median"] <= c["target"])
+
+
 def table(res: dict[str, Any]) -> str:
     tr, hv = res["training"], res["hvp"]
     lines = ["| measurement | median [min-max] | target | met |", "|---|---|---|---|"]
@@ -471,6 +567,13 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| &nbsp;&nbsp; loop only (attach, close excluded), {label} | {fmt(c['loop_ratio'])} | | |")
         lines.append(f"| &nbsp;&nbsp; attach + close, ms, {label} | {fmt(c['attach_plus_close_ms'], ' ms', 0)} | | |")
         lines.append(f"| &nbsp;&nbsp; page faults per step, {label} | {fmt(c['page_faults_per_step'], '', 1)} | | |")
+        pc = c.get("paired")
+        if pc:
+            lines.append(f"| &nbsp;&nbsp; paired per step ({pc['ratio']['n']} runs), {label} | {fmt(pc['ratio'])} | {tgt} | "
+                         f"{'' if target_met(c, 'paired') is None else ('yes' if target_met(c, 'paired') else '**no**')} |")
+            lines.append(f"| &nbsp;&nbsp; paired, loop only / writer thread charged in full, {label} | "
+                         f"{fmt(pc['loop_ratio'])} / {fmt(pc['ratio_writer_charged'])} (writer CPU "
+                         f"{pc['writer_cpu_ms']['median']:.0f} ms per run) | | |")
     for name, c in tr["configs"].items():
         if name.endswith("_tmpfs"):
             continue
@@ -523,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also cProfile one recorded run per configuration")
     ap.add_argument("--steps", type=int, help="training steps per timed run (default 400; quick 120)")
     ap.add_argument("--repeats", type=int, help="interleaved repeats of the training ratios (default 15; quick 2)")
+    ap.add_argument("--paired-repeats", type=int,
+                    help="paired runs (plain and recorded stepped alternately) per training config (default 7; quick 1)")
     ap.add_argument("--hvp-repeats", type=int, help="interleaved repeats of the HVP ratios (default 15; quick 2)")
     ap.add_argument("--store-dir", type=Path, help="where the recorded runs' stores go (default: the system temp dir)")
     ap.add_argument("--max-foreign", type=float, default=0.05,
@@ -540,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (120 if args.quick else 400)
     repeats = args.repeats or (2 if args.quick else 15)
     hvp_repeats = args.hvp_repeats or (2 if args.quick else 15)
+    paired_repeats = args.paired_repeats if args.paired_repeats is not None else (1 if args.quick else 7)
 
     torch.set_num_threads(THREADS)
 
@@ -548,11 +654,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     data = Digits()
-    log(f"training overhead: {repeats} repeats x {len(CONFIGS)} configs x 2 runs of {steps} steps")
+    log(f"training overhead: {repeats} repeats x {len(CONFIGS)} configs x 2 runs of {steps} steps, "
+        f"then {paired_repeats} paired runs per config")
     def guard() -> Contention:
         return Contention(args.max_foreign, attempts=2 if args.quick else 5, max_wait_s=5.0 if args.quick else 30.0)
 
-    training = bench_training(data, steps, repeats, log, guard(), args.store_dir)
+    training = bench_training(data, steps, repeats, log, guard(), args.store_dir, paired_repeats=paired_repeats)
     log(f"HVP / gradient: {hvp_repeats} repeats")
     hvp = bench_hvp(data, hvp_repeats, 20, log, guard())
     res: dict[str, Any] = {

@@ -327,3 +327,24 @@ def test_iter_trajectory_reuse_reads_the_same_rows_into_one_set_of_arrays(tmp_pa
     for (s1, a1), (s2, a2) in zip(fresh, reused):
         np.testing.assert_array_equal(s1, s2)
         np.testing.assert_array_equal(a1, a2)
+
+
+def test_close_cleans_what_a_failed_group_left_past_the_committed_rows(tmp_path):
+    """A group that fails half-written (here: a vector changes shape) is given up; its bytes past
+    the committed rows, a new chunk file included, are gone after close."""
+    path = tmp_path / "r.zarr"
+    w = RunWriter(path, {}, max_delay=30.0)
+    vec = np.ones(4500, np.float32)
+    chunk_rows = 4 * 2**20 // vec.nbytes
+    for i in range(chunk_rows - 1):
+        w.append(i, {"loss": Var((), np.float64(i), {})}, {"v": Var(("param",), vec, {}), "u": Var(("param",), vec, {})})
+    w.flush()
+    for i in range(chunk_rows - 1, chunk_rows + 2):  # v reaches chunk 1, then u fails
+        w.append(i, {"loss": Var((), np.float64(i), {})}, {"v": Var(("param",), vec, {}), "u": Var(("param",), vec[:10], {})})
+    with pytest.warns(RuntimeWarning, match="row shape changed"):
+        w.flush()
+    assert w.records.torn and not w.steps.torn and (path / "trajectory" / "v" / "c.1.0").exists()
+    w.close()
+    assert not (path / "trajectory" / "v" / "c.1.0").exists()
+    assert landscape.open_run(path).sizes["step"] == chunk_rows + 2  # the step rows went in whole
+    assert landscape.open_trajectory(path).sizes["record"] == chunk_rows - 1
