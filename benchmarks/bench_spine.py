@@ -164,6 +164,22 @@ class Digits:
         (self.Xtr, self.ytr), _ = split(X, y, 0.8, seed=0)
 
 
+def setup_run(data: Digits, steps: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The model, its optimizer and the run's batches, drawn up front (no DataLoader noise in the
+    ratios), all from ``seed``."""
+    torch.manual_seed(seed)
+    model = DigitsCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    X, y = data.Xtr, data.ytr
+    n, bs = X.shape[0], 64
+    gen = torch.Generator().manual_seed(seed)
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    while len(batches) < steps:
+        perm = torch.randperm(n, generator=gen)
+        batches += [(X[perm[i:i + bs]], y[perm[i:i + bs]]) for i in range(0, n - bs + 1, bs)]
+    return model, opt, batches[:steps]
+
+
 def train_run(data: Digits, steps: int, probes: list | None, *, seed: int = 0, store_dir: Path | None = None,
               profiler: cProfile.Profile | None = None) -> dict[str, Any]:
     """One training run of DigitsCNN, timed from before ``attach`` to after ``rec.close()``.
@@ -172,17 +188,8 @@ def train_run(data: Digits, steps: int, probes: list | None, *, seed: int = 0, s
     timed region; the user's loop (zero_grad, forward, loss, backward, step) is inside it.
     The phases (attach, loop, close) are timed too, to separate fixed from per-step costs.
     """
-    torch.manual_seed(seed)
-    model = DigitsCNN()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model, opt, batches = setup_run(data, steps, seed)
     X, y = data.Xtr, data.ytr
-    n, bs = X.shape[0], 64
-    gen = torch.Generator().manual_seed(seed)
-    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-    while len(batches) < steps:  # pre-drawn batches: no DataLoader noise in the ratio
-        perm = torch.randperm(n, generator=gen)
-        batches += [(X[perm[i:i + bs]], y[perm[i:i + bs]]) for i in range(0, n - bs + 1, bs)]
-    batches = batches[:steps]
     tmp = Path(tempfile.mkdtemp(prefix="bench-spine-", dir=store_dir)) if probes is not None else None
     gc.collect()
     if profiler is not None:
@@ -243,28 +250,18 @@ def paired_run(data: Digits, steps: int, probes: list, *, seed: int = 0, store_d
     ``writer_cpu_ms`` is the writer's CPU time during the loop, and ``ratio_writer_charged``
     adds all of it to the recorded side, which leans high (most of it runs while a core is idle).
     """
-    torch.manual_seed(seed)
-    plain_model = DigitsCNN()
-    torch.manual_seed(seed)
-    rec_model = DigitsCNN()
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (plain_model, rec_model)]
+    plain_model, plain_opt, batches = setup_run(data, steps, seed)
+    rec_model, rec_opt, _ = setup_run(data, steps, seed)
     X, y = data.Xtr, data.ytr
-    n, bs = X.shape[0], 64
-    gen = torch.Generator().manual_seed(seed)
-    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-    while len(batches) < steps:
-        perm = torch.randperm(n, generator=gen)
-        batches += [(X[perm[i:i + bs]], y[perm[i:i + bs]]) for i in range(0, n - bs + 1, bs)]
-    batches = batches[:steps]
     tmp = Path(tempfile.mkdtemp(prefix="bench-spine-", dir=store_dir))
-    sides = [(plain_model, opts[0]), (rec_model, opts[1])]
+    sides = [(plain_model, plain_opt), (rec_model, rec_opt)]
     torch.manual_seed(seed + 1)
     rng = [torch.get_rng_state(), torch.get_rng_state()]  # each side its own dropout draws
     spent = [0.0, 0.0]
     losses: list[torch.Tensor] = [torch.zeros(()), torch.zeros(())]
     gc.collect()
     t0 = time.perf_counter()
-    rec = landscape.attach(rec_model, opts[1], loss_fn=F.cross_entropy, probe_data=(X, y), probe_batch_size=64,
+    rec = landscape.attach(rec_model, rec_opt, loss_fn=F.cross_entropy, probe_data=(X, y), probe_batch_size=64,
                            probes=probes, store=tmp / "run.zarr", run={"optimizer": "sgd", "seed": seed})
     attach_s = time.perf_counter() - t0
     for i, (xb, yb) in enumerate(batches):

@@ -372,7 +372,10 @@ class _Table:
         chunk of exactly its rows (the file's prefix is that chunk), so short runs and rare
         probes do not leave preallocated megabytes behind."""
         for col in self.columns.values():
-            col.truncate_to(self.rows) if self.torn else col.close()  # else nothing lies past self.rows
+            if self.torn:
+                col.truncate_to(self.rows)
+            else:  # nothing lies past self.rows: no chunk listing, no tail to fill
+                col.close()
             if 0 < self.rows < col.chunk_rows:
                 with open(col.key(0), "r+b") as f:
                     f.truncate(self.rows * col.row_bytes)

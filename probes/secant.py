@@ -333,7 +333,8 @@ class RestrictedSecant(Probe):
             elif lam is not None:
                 np.multiply(P, lam, out=stack[:, 3])
             # torch's batched matmul: half the time of numpy's here (it uses torch's threads)
-            gram = torch.bmm(torch.from_numpy(stack), torch.from_numpy(stack).transpose(1, 2)).numpy()  # (m, k, k)
+            rows = torch.from_numpy(stack)
+            gram = torch.bmm(rows, rows.transpose(1, 2)).numpy()  # (m, k, k)
             dists.append(np.sqrt(gram[:, 0, 0]))
             # (dot with y, squared norm) per direction, without materialising the directions
             dirs = {"_train": (gram[:, 1, 0], gram[:, 1, 1]), "_update": (-gram[:, 2, 0], gram[:, 2, 2])}
