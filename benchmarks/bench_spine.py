@@ -238,17 +238,54 @@ def _thread_cpu_s(thread: Any) -> float:
         return float("nan")
 
 
+def writer_interference(starts: np.ndarray, times: np.ndarray, busy: list[tuple[float, float]], window: int = 20,
+                        shifts: tuple[float, ...] = (-0.15, -0.1, -0.05, 0.05, 0.1, 0.15)) -> np.ndarray:
+    """Seconds that the writer thread's batches added to the steps of each side, one per column.
+
+    ``starts`` and ``times`` (steps x sides) are when each step began and how long it took (same
+    clock as ``busy``, the writer's (begin, end) per batch). A step that overlaps a batch counts
+    its time minus the median of the steps of its side within ``window`` steps that overlap
+    none. Slow steps overlap a batch more often just by lasting longer, so the same sum for the
+    batches moved by each of ``shifts`` seconds (what timing alone explains) is subtracted.
+    """
+    starts, times = np.asarray(starts, np.float64), np.asarray(times, np.float64)
+    if not busy:
+        return np.zeros(times.shape[1])
+
+    def overlapping(offset: float) -> np.ndarray:
+        hit = np.zeros(times.shape, bool)
+        for a, b in busy:
+            hit |= (starts < b + offset) & (starts + times > a + offset)
+        return hit
+
+    def excess(hit: np.ndarray) -> np.ndarray:
+        out = np.zeros(times.shape[1])
+        n = times.shape[0]
+        for side in range(times.shape[1]):
+            for i in np.flatnonzero(hit[:, side]):
+                lo, hi = max(0, i - window), min(n, i + window + 1)
+                ref = times[lo:hi, side][~hit[lo:hi, side]]
+                if ref.size >= 5:
+                    out[side] += times[i, side] - np.median(ref)
+        return out
+
+    return excess(overlapping(0.0)) - np.mean([excess(overlapping(o)) for o in shifts], axis=0)
+
+
 def paired_run(data: Digits, steps: int, probes: list, *, seed: int = 0, store_dir: Path | None = None) -> dict[str, Any]:
     """A plain and a recorded run of the same model on the same batches, stepped alternately in
     one loop (plain then recorded on even steps, recorded then plain on odd ones).
 
     Whole runs of this VM drift by up to 2x in speed within a process; stepping the two side by
     side makes the drift hit both alike every few milliseconds. The recorded side's time is its
-    steps plus ``attach`` and ``close``. The store's writer thread works at low priority during
-    whichever step is running, so part of what it costs lands on the plain side, and both sides
-    share the caches that the recorder's memory traffic evicts: this ratio leans low.
-    ``writer_cpu_ms`` is the writer's CPU time during the loop, and ``ratio_writer_charged``
-    adds all of it to the recorded side, which leans high (most of it runs while a core is idle).
+    steps plus ``attach`` and ``close``. Three figures:
+
+    - ``ratio``: leans low, because the store's writer thread works during whichever step is
+      running, so part of what it costs lands on the plain side;
+    - ``ratio_writer_charged``: adds all of the writer's CPU time to the recorded side;
+    - ``ratio_writer_measured``: moves what the writer's batches measurably added to the plain
+      side's steps (:func:`writer_interference`) to the recorded side. With torch on both cores
+      no core is idle for the writer, and this came out close to the charged figure.
     """
     plain_model, plain_opt, batches = setup_run(data, steps, seed)
     rec_model, rec_opt, _ = setup_run(data, steps, seed)
@@ -257,13 +294,24 @@ def paired_run(data: Digits, steps: int, probes: list, *, seed: int = 0, store_d
     sides = [(plain_model, plain_opt), (rec_model, rec_opt)]
     torch.manual_seed(seed + 1)
     rng = [torch.get_rng_state(), torch.get_rng_state()]  # each side its own dropout draws
-    spent = [0.0, 0.0]
+    starts, times = np.zeros((steps, 2)), np.zeros((steps, 2))
     losses: list[torch.Tensor] = [torch.zeros(()), torch.zeros(())]
     gc.collect()
     t0 = time.perf_counter()
     rec = landscape.attach(rec_model, rec_opt, loss_fn=F.cross_entropy, probe_data=(X, y), probe_batch_size=64,
                            probes=probes, store=tmp / "run.zarr", run={"optimizer": "sgd", "seed": seed})
     attach_s = time.perf_counter() - t0
+    busy: list[tuple[float, float]] = []
+    write_batch = rec.writer._write_batch
+
+    def timed_write_batch(batch: list) -> None:  # runs on the writer thread; list.append is atomic
+        t = time.perf_counter()
+        try:
+            write_batch(batch)
+        finally:
+            busy.append((t, time.perf_counter()))
+
+    rec.writer._write_batch = timed_write_batch  # type: ignore[method-assign]
     for i, (xb, yb) in enumerate(batches):
         for side in ((0, 1) if i % 2 == 0 else (1, 0)):
             model, opt = sides[side]
@@ -273,7 +321,7 @@ def paired_run(data: Digits, steps: int, probes: list, *, seed: int = 0, store_d
             loss = F.cross_entropy(model(xb), yb)
             loss.backward()
             opt.step()
-            spent[side] += time.perf_counter() - t
+            starts[i, side], times[i, side] = t, time.perf_counter() - t
             rng[side] = torch.get_rng_state()
             losses[side] = loss
     writer_cpu = _thread_cpu_s(getattr(rec.writer, "_thread", None))
@@ -282,10 +330,14 @@ def paired_run(data: Digits, steps: int, probes: list, *, seed: int = 0, store_d
     close_s = time.perf_counter() - t
     errors = (dict(rec.probe_errors), list(rec.writer.errors))
     shutil.rmtree(tmp, ignore_errors=True)
-    plain_s, rec_s = spent
+    plain_s, rec_s = times.sum(axis=0)
     total = rec_s + attach_s + close_s
+    loop_end = float((starts + times).max())  # the batch that close() flushes overlaps no step
+    on_plain, on_rec = writer_interference(starts, times, [b for b in busy if b[0] < loop_end])
     return {"ratio": total / plain_s, "loop_ratio": rec_s / plain_s,
             "ratio_writer_charged": (total + writer_cpu) / plain_s, "writer_cpu_ms": 1e3 * writer_cpu,
+            "ratio_writer_measured": (total + on_plain) / (plain_s - on_plain),
+            "writer_added_ms": 1e3 * (on_plain + on_rec), "writer_added_to_plain_ms": 1e3 * on_plain,
             "attach_plus_close_ms": 1e3 * (attach_s + close_s), "plain_ms_per_step": 1e3 * plain_s / steps,
             "same_final_loss": float(losses[0].detach()) == float(losses[1].detach()), "errors": errors}
 
@@ -373,8 +425,8 @@ def bench_training(data: Digits, steps: int, repeats: int, log: Callable[[str], 
             "target": target,
             "met": None if target is None else bool(statistics.median(ratios[name]["total"]) <= target),
             "paired": {k: spread([p[k] for p in paired[name]]) for k in
-                       ("ratio", "loop_ratio", "ratio_writer_charged", "writer_cpu_ms", "attach_plus_close_ms",
-                        "plain_ms_per_step")} if paired[name] else None,
+                       ("ratio", "loop_ratio", "ratio_writer_charged", "writer_cpu_ms", "ratio_writer_measured",
+                        "writer_added_ms", "writer_added_to_plain_ms", "attach_plus_close_ms", "plain_ms_per_step")} if paired[name] else None,
             "storage": {
                 **s,
                 "bytes_per_recorded_step": s["store_bytes"] / rows,
@@ -385,6 +437,7 @@ def bench_training(data: Digits, steps: int, repeats: int, log: Callable[[str], 
             },
         }
         out["configs"][name]["met_paired"] = target_met(out["configs"][name], "paired")
+        out["configs"][name]["met_writer_measured"] = target_met(out["configs"][name], "measured")
     return out
 
 
@@ -544,10 +597,12 @@ def fmt(s: dict[str, float], unit: str = "x", digits: int = 3) -> str:
 
 
 def target_met(c: dict[str, Any], kind: str = "whole") -> bool | None:
-    """Whether a config's median ratio (whole runs, or ``"paired"``) is within its target."""
-    if c["target"] is None or (kind == "paired" and not c.get("paired")):
+    """Whether a config's median ratio is within its target: whole runs, ``"paired"``, or
+    ``"measured"`` (paired, with what the writer measurably added to the plain side moved over)."""
+    if c["target"] is None or (kind != "whole" and not c.get("paired")):
         return None
-    return bool((c["paired"]["ratio"] if kind == "paired" else c["ratio"])["median"] <= c["target"])
+    s = c["ratio"] if kind == "whole" else c["paired"]["ratio" if kind == "paired" else "ratio_writer_measured"]
+    return bool(s["median"] <= c["target"])
 
 
 def table(res: dict[str, Any]) -> str:
@@ -571,6 +626,11 @@ def table(res: dict[str, Any]) -> str:
             lines.append(f"| &nbsp;&nbsp; paired, loop only / writer thread charged in full, {label} | "
                          f"{fmt(pc['loop_ratio'])} / {fmt(pc['ratio_writer_charged'])} (writer CPU "
                          f"{pc['writer_cpu_ms']['median']:.0f} ms per run) | | |")
+            met_m = target_met(c, "measured")
+            lines.append(f"| &nbsp;&nbsp; paired, the writer's measured effect moved to the recorded side, {label} | "
+                         f"{fmt(pc['ratio_writer_measured'])} (writer added {pc['writer_added_ms']['median']:.0f} ms "
+                         f"to the steps, {pc['writer_added_to_plain_ms']['median']:.0f} of it to plain ones) | {tgt} | "
+                         f"{'' if met_m is None else ('yes' if met_m else '**no**')} |")
     for name, c in tr["configs"].items():
         if name.endswith("_tmpfs"):
             continue
