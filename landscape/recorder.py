@@ -53,6 +53,7 @@ _NO_FLAG = {name: Var((), np.int8(0), _ATTRS[name]) for name in ("nonfinite", "p
 # past it the measuring costs too little of the step to matter, and is done at once.
 _DEFER_STEPS = 32
 _QUICK_STEP_S = 0.05
+_UNKNOWN = torch.empty(0)  # a w_{t+1} that was never read (see Recorder._give_next_iterate)
 
 
 class _Step(NamedTuple):
@@ -152,7 +153,9 @@ class Recorder:
             ``RestrictedSecant(samples=0)``) are measured in batches (32 steps, or half this
             long after the first), which costs a CPU training loop several times less than
             measuring each step between two others. ``0`` measures and commits each step as soon
-            as possible (what a ``kill -9`` can lose is then only the step being written).
+            as possible: a step whose probes read only the step's values once the next step
+            starts (when its w_{t+1} is known), the others right after ``optimizer.step()``
+            (what a ``kill -9`` can lose is then the last step and the step being written).
         loggers: where each recorded step's scalars also go, beside the store: callables
             ``logger(scalars: dict[str, float], step: int)`` (``wandb.log``, a Lightning logger's
             ``log_metrics``, ``mlflow.log_metrics``), a ``torch.utils.tensorboard.SummaryWriter``,
@@ -247,6 +250,10 @@ class Recorder:
         self._logged: dict[str, float] = {}
         self._pending: tuple[Any, ...] | None = None
         self._deferred: list[_Step] = []
+        # the last deferred step still waits for w_{t+1}, read when the next step starts; and
+        # whether the deferred steps are measured then
+        self._awaiting = False
+        self._drain_next = False
         self._deferred_since = self._last_step = -math.inf
         # deferring reorders nothing but the recorder's own work, which under torch.distributed
         # includes collectives: those must run at the same point on every rank
@@ -365,7 +372,7 @@ class Recorder:
             due = [p for p in self.probes if p.due(step)]
             params = grad = buf = None
             if self._pending is not None and self._pending[4] is not None:
-                self._pending[4].release()  # the last step() raised before its post-hook
+                self._release_unfinished(self._pending[4])  # the last step() raised before its post-hook
             if due:  # w_t, and g_t unless a closure computes it during step()
                 if not any(p.holds_step_vectors for p in due):
                     buf = self._buffers.take()
@@ -376,11 +383,18 @@ class Recorder:
                     params, grad = self.functional.flat_params_and_grad()
                 else:
                     params = self.functional.flat_params()
+            if self._awaiting:  # w_{t+1} of the last deferred step: just read, if this step is recorded
+                self._give_next_iterate(buf.w if buf is not None else params)
+            if self._drain_next:
+                self._drain()
             # float(): also a 1-element lr tensor
             self._pending = (due, params, grad, [float(g["lr"]) for g in optimizer.param_groups], buf)
             if closure is not None:
                 return self._wrap_closure(args, kwargs, closure)
         except Exception as exc:
+            if self._awaiting:  # its w_{t+1} was not read: unknown, recorded as NaN
+                with contextlib.suppress(Exception):
+                    self._give_next_iterate(_UNKNOWN)
             self._internal_error(exc)
         return None
 
@@ -408,71 +422,143 @@ class Recorder:
 
     def _capture(self, index: int, pending: tuple[list[Probe], Tensor | None, Tensor | None, list[float], _StepBuffer | None]) -> None:
         """Read what the step leaves behind (the parameters move on at the next one), then
-        measure it now or, when the step was quick and its due probes read nothing else
-        (:attr:`probes.base.Probe.reads_only_step`), together with the next few steps."""
+        measure it now or, when its due probes read nothing else
+        (:attr:`probes.base.Probe.reads_only_step`), once w_{t+1} is read: at the next step's
+        start, or together with the next few steps if the step was quick."""
         due, params, grad, lrs, buf = pending
         update = None
         if self._capturing:
             self._stop_capture()
+        now = time.monotonic()
+        quick = now - self._last_step < _QUICK_STEP_S
+        self._last_step = now
+        # Due probes that read only the step's own values wait for w_{t+1} (read when the next
+        # step starts, where w is read anyway): their update is the move to the next iterate.
+        # Probes that evaluate the model are measured now, with the model as the step left it.
+        wait = all(p.reads_only_step for p in due)
         if due:
             try:
                 if buf is not None:
                     if grad is None:  # a closure computed it during step()
                         buf.read_grad()
                         grad = buf.g
-                    buf.finish()
+                    if not wait:
+                        buf.finish()
                     update = buf.u
                 else:
                     if grad is None:
                         grad = self.functional.flat_grad()
                     assert params is not None
-                    update = self.functional.flat_params().sub_(params)
+                    if not wait:
+                        update = self.functional.flat_params().sub_(params)
             except BaseException:
                 if buf is not None:
-                    buf.release()
+                    self._release_unfinished(buf)
                 raise
         logged = None
         if self._logged:
             logged, self._logged = self._logged, {}
         step = _Step(index, due, params, grad, update, lrs, buf, self._roots, self._closure_loss, logged)
         self._roots, self._closure_loss = [], None
-        now = time.monotonic()
-        quick = now - self._last_step < _QUICK_STEP_S
-        self._last_step = now
-        if self._defer_s > 0 and quick and all(p.reads_only_step for p in due):
-            # On a CPU every distinct call after the optimizer step runs cold (its code and data
-            # were evicted by forward and backward), several times slower than in a loop; a
-            # batch of steps measured back to back runs warm.
+        if wait:
+            if self._awaiting:  # the step hook missed it (an internal error): unknown
+                self._give_next_iterate(_UNKNOWN)
             if not self._deferred:
                 self._deferred_since = now
             self._deferred.append(step)
-            if len(self._deferred) >= _DEFER_STEPS or now - self._deferred_since >= self._defer_s:
-                self._drain()
+            self._awaiting = bool(due)
+            # On a CPU every distinct call after the optimizer step runs cold (its code and data
+            # were evicted by forward and backward), several times slower than in a loop; quick
+            # steps are measured back to back in batches, which run warm. The rest are measured
+            # at the next step's start, once their w_{t+1} is read.
+            batch = self._defer_s > 0 and quick
+            if not batch or len(self._deferred) >= _DEFER_STEPS or now - self._deferred_since >= self._defer_s:
+                self._drain_next = True
         else:
             self._drain()  # the store takes steps in order
             self._record(step)
 
+    def _give_next_iterate(self, w_next: Tensor | None) -> None:
+        """Complete the last deferred step's update u_t = w_{t+1} - w_t with w_{t+1}: ``w_next``
+        (w read at the start of the next recorded step, kept until the step is measured), the
+        parameters now (None), or NaN (``_UNKNOWN``)."""
+        self._awaiting = False
+        step = self._deferred[-1]
+        try:
+            if w_next is _UNKNOWN:
+                raise RuntimeError("w_{t+1} unknown")
+            if step.buf is not None:
+                if w_next is None:
+                    step.buf.read_next()
+                else:
+                    step.buf.next = w_next
+            else:
+                assert step.params is not None
+                nxt = w_next if w_next is not None else self.functional.flat_params()
+                self._deferred[-1] = step._replace(update=nxt - step.params)
+        except BaseException:
+            if step.buf is not None:
+                step.buf.next = None
+                step.buf.u.fill_(math.nan)  # unknown, and never another step's numbers
+            else:
+                self._deferred[-1] = step._replace(update=torch.full_like(step.params, math.nan))  # type: ignore[arg-type]
+            if w_next is not _UNKNOWN:
+                raise
+
+    def _release_unfinished(self, buf: _StepBuffer) -> None:
+        """Return the buffer of a step whose ``optimizer.step()`` raised; a deferred step whose
+        w_{t+1} it holds takes its update first."""
+        for step in self._deferred:
+            if step.buf is not None and step.buf.next is buf.w:
+                step.buf.settle()
+        buf.release()
+
     def _drain(self) -> None:
-        """Measure and queue the deferred steps, in order."""
+        """Measure and queue the deferred steps, in order (the last one's w_{t+1}: the
+        parameters now, if the next step has not read it)."""
+        self._drain_next = False
+        if self._awaiting:
+            self._give_next_iterate(None)
         while self._deferred:
             steps, self._deferred = self._deferred, []
-            for step in steps:
+            for i, step in enumerate(steps):
                 try:
-                    self._record(step)
+                    follows = ()  # the next step, measured next with w_{t+1} as its w
+                    if step.buf is not None and step.buf.next is not None:
+                        nxt = steps[i + 1] if i + 1 < len(steps) else None
+                        if nxt is not None and nxt.buf is not None and step.buf.next is nxt.buf.w:
+                            follows = nxt.due
+                        step.buf.settle()
+                    self._record(step, follows)
                 except Exception as exc:
                     self._internal_error(exc)
 
-    def _record(self, step: _Step) -> None:
+    def _record(self, step: _Step, next_due: Sequence[Probe] = ()) -> None:
         lent = False
         try:
-            values, lent = self._queue_step(step)
+            values, lent = self._queue_step(step, next_due)
+        except Exception:
+            self._queue_failed(step)
+            raise
         finally:
             if step.buf is not None and not lent:  # else the writer returns it once written
                 step.buf.release()
         if self.loggers and self.rank == 0:
             self._emit(step.step, values)
 
-    def _queue_step(self, item: _Step) -> tuple[dict[str, Var], bool]:
+    def _queue_failed(self, item: _Step) -> None:
+        """The row of a step whose recording raised: its loss and lr, every due probe counted as
+        failed. The store's steps are contiguous: without it, every later step would be refused."""
+        loss = math.nan
+        with contextlib.suppress(Exception):
+            loss = self._take_loss(item)[0]
+        values = {"loss": Var((), np.float64(loss), _ATTRS["loss"]), "lr": Var((), np.float64(item.lrs[0]), _ATTRS["lr"]),
+                  "nonfinite": _NO_FLAG["nonfinite"],
+                  "probe_failed": Var((), np.int8(min(127, max(1, len(item.due)))), _ATTRS["probe_failed"])}
+        with contextlib.suppress(Exception):  # a store that refuses it reports that itself
+            self.writer.append(item.step, values)
+
+    def _queue_step(self, item: _Step, next_due: Sequence[Probe] = ()) -> tuple[dict[str, Var], bool]:
         """Measure the step and queue its row: (the row, whether its buffer went with it)."""
         step, due, params, grad, update, lrs, buf = item.step, item.due, item.params, item.grad, item.update, item.lrs, item.buf
         loss, seen = self._take_loss(item)
@@ -511,7 +597,7 @@ class Recorder:
             ctx = _probe_base.Context(step=step, functional=fm, model=self.model, optimizer=self.optimizer,
                                       probe_batches=self.probe_batches, params=params, grad=grad,
                                       update=update, loss=loss, lr=lrs[0],
-                                      weight_decay=self.weight_decay, grad_norm=grad_norm)
+                                      weight_decay=self.weight_decay, grad_norm=grad_norm, next_step_due=next_due)
             trajectory = {}
             for probe in due:
                 out = self._run_probe(probe, probe.measure, ctx)
@@ -762,7 +848,7 @@ class _StepBuffers:
 class _StepBuffer:
     """One step's ``w``, ``g`` and ``u`` (= w_{t+1} - w_t) in one allocation (see :class:`_StepBuffers`)."""
 
-    __slots__ = ("owner", "w", "g", "u", "_wg", "_u", "arrays")
+    __slots__ = ("owner", "w", "g", "u", "_wg", "_u", "arrays", "next")
 
     def __init__(self, owner: _StepBuffers, buf: Tensor, views: list[Tensor], flat: np.ndarray | None) -> None:
         d, n = owner.dim, len(owner.params)
@@ -771,6 +857,8 @@ class _StepBuffer:
         self._wg, self._u = views[:2 * n], views[2 * n:]
         # the numpy twins of w, g and u: what the writer thread gets for them
         self.arrays: dict[int, np.ndarray] = {}
+        # w_{t+1} while u waits for it (u itself once read_next() has put it there)
+        self.next: Tensor | None = None
         if flat is not None:
             self.arrays = {id(self.w): flat[:d], id(self.g): flat[d:2 * d], id(self.u): flat[2 * d:]}
 
@@ -800,12 +888,32 @@ class _StepBuffer:
                 view.copy_(p.grad) if p.grad is not None else view.zero_()
 
     def finish(self) -> None:
-        """u = w_{t+1} - w_t, after the optimizer step."""
+        """u = w_{t+1} - w_t, with w_{t+1} the parameters now."""
         with torch.no_grad():
             torch._foreach_copy_(self._u, self.owner.params)
             self.u.sub_(self.w)
 
+    def read_next(self) -> None:
+        """Read w_{t+1} (the parameters now) for :meth:`settle`."""
+        with torch.no_grad():
+            torch._foreach_copy_(self._u, self.owner.params)
+        self.next = self.u
+
+    def settle(self) -> None:
+        """u = w_{t+1} - w_t from the w_{t+1} read for it (warm, with the step's measurement);
+        through the numpy twins where there are some (a third of torch's time per call here)."""
+        nxt, self.next = self.next, None
+        if nxt is None:
+            return
+        if self.arrays and nxt.dtype == self.u.dtype and nxt.is_cpu:
+            u = self.arrays[id(self.u)]
+            np.subtract(u if nxt is self.u else nxt.numpy(), self.arrays[id(self.w)], out=u)
+            return
+        with torch.no_grad():
+            torch.sub(nxt, self.w, out=self.u)
+
     def release(self) -> None:
+        self.next = None
         self.owner.free.append(self)
 
 

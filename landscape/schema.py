@@ -27,6 +27,11 @@ Dimensions
 
 Trajectory group (``trajectory/``, read with ``landscape.open_trajectory``; dims ``record``,
 ``param`` or ``sketch``, ``sample``): the raw vectors behind reference-dependent probes, float32.
+An ``update`` row whose step's next step is the next record is not stored twice: the int8 column
+``update_from_params`` is 1 there, and readers (``open_trajectory``, ``RunWriter.iter_trajectory``)
+give ``params`` of the next record minus ``params`` (the same float32 subtraction the recorder
+makes, so the same bits; NaN if that record was never committed, e.g. after a kill, or the next
+step's recording failed).
 
 Dataset attrs: ``landscape_schema`` (this module's SCHEMA_VERSION), ``run`` (the user's run
 metadata: optimizer name, seed, ...), ``optimizer`` (class and hyper-parameters), ``model``
@@ -42,7 +47,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
+# 2.0: trajectory ``update`` rows derived from ``params`` (``update_from_params``); 1.x stores
+# have none, and read the same.
+READABLE_MAJORS = (1, 2)
+UPDATE_FROM_PARAMS = "update_from_params"
 
 
 @dataclass(frozen=True)
@@ -240,7 +249,7 @@ def dims_for(name: str) -> tuple[str, ...]:
 def compatible(version: str) -> bool:
     """Whether a store written with schema ``version`` can be read by this code."""
     try:
-        return int(str(version).split(".")[0]) == int(SCHEMA_VERSION.split(".")[0])
+        return int(str(version).split(".")[0]) in READABLE_MAJORS
     except ValueError:
         return False
 
@@ -261,6 +270,16 @@ class Var:
     dims: tuple[str, ...]
     data: object
     attrs: dict[str, object]
+
+
+@dataclass(frozen=True)
+class Unwritten:
+    """The data of a row value whose bytes the store does not write, because readers derive
+    them (a trajectory ``update`` from the next ``params``): its shape and dtype, which create
+    the column if it is new."""
+
+    shape: tuple[int, ...]
+    dtype: object
 
 
 def var(name: str, data: object, dims: tuple[str, ...] | None = None, **settings: object) -> Var:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import xarray as xr
 
-from landscape.schema import SCHEMA_VERSION, Var, compatible
+from landscape.schema import READABLE_MAJORS, SCHEMA_VERSION, UPDATE_FROM_PARAMS, Unwritten, Var, compatible
 
 COMMIT = ".landscape-commit.json"  # a dot name: zarr does not list it as a node
 _COMMIT_BYTES = 256
@@ -346,8 +346,11 @@ class _Table:
                     continue
                 row = start + i
                 if col is None:
-                    value = v.data if isinstance(v.data, np.ndarray) else np.asarray(v.data)
+                    value = (np.empty(v.data.shape, v.data.dtype) if isinstance(v.data, Unwritten)
+                             else v.data if isinstance(v.data, np.ndarray) else np.asarray(v.data))
                     col = self.ensure(name, v.dims, value, v.attrs)
+                if isinstance(v.data, Unwritten):  # readers derive it: no bytes, no fill
+                    continue
                 if run and (row != run_start + len(run) or row // col.chunk_rows != run_start // col.chunk_rows):
                     col.write_run(run_start, run)
                     run = []
@@ -459,6 +462,8 @@ class RunWriter:
         self.records = _Table(self.path / TRAJECTORY, "record", int(commit["records"]))
         for table in (self.steps, self.records):  # the row coordinate exists even before the first row
             table.ensure("step", (), np.zeros((), np.int64), _STEP_ATTRS)
+        if resume:
+            self._forget_dangling_update()
         if not resume:
             _atomic_write(self.path / COMMIT, b" " * _COMMIT_BYTES)
         self._commit_fd = os.open(self.path / COMMIT, os.O_WRONLY)
@@ -615,15 +620,44 @@ class RunWriter:
         n = self.records.rows
         if n == 0:
             return
-        cols = [name for name in names if name in self.records.columns]
-        per_row = sum(self.records.columns[c].row_bytes for c in cols) or 1
+        table = self.records
+        cols = [name for name in names if name in table.columns]
+        derive = "update" in cols and UPDATE_FROM_PARAMS in table.columns and "params" in table.columns
+        per_row = sum(table.columns[c].row_bytes for c in {*cols, *(["params"] if derive else [])}) or 1
         block = max(1, min(n, max_bytes // per_row))
-        bufs = {c: np.empty((block, *self.records.columns[c].rest), self.records.columns[c].dtype)
-                for c in ("step", *cols)} if reuse else {}
+        # with derived updates: params and steps of one more row (the next block's first)
+        extra = {c: int(derive and c in ("step", "params")) for c in ("step", *cols, *(["params"] if derive else []))}
+        bufs = {c: np.empty((block + k, *table.columns[c].rest), table.columns[c].dtype) for c, k in extra.items()} if reuse else {}
+        all_flags = table.read(UPDATE_FROM_PARAMS, 0, n) if derive else None
         for lo in range(0, n, block):
             hi = min(n, lo + block)
-            yield self.records.read("step", lo, hi, bufs["step"][:hi - lo] if reuse else None), {
-                c: self.records.read(c, lo, hi, bufs[c][:hi - lo] if reuse else None) for c in cols}
+            flags = all_flags[lo:hi] if all_flags is not None else None
+            read = {}
+            for c, k in extra.items():
+                out = bufs[c][:min(n, hi + k) - lo] if reuse else None
+                if flags is not None and c == "update":  # only the stored rows: the others are holes
+                    out = out if out is not None else np.empty((hi - lo, *table.columns[c].rest), table.columns[c].dtype)
+                    stored = np.flatnonzero(flags != 1)
+                    for run in np.split(stored, np.flatnonzero(np.diff(stored) != 1) + 1) if stored.size else []:
+                        table.read(c, lo + run[0], lo + run[-1] + 1, out[run[0]:run[-1] + 1])
+                    read[c] = out
+                else:
+                    read[c] = table.read(c, lo, min(n, hi + k), out)
+            if flags is not None:
+                _derive_updates(read["update"], read["params"], read["step"], flags)
+            yield read["step"][:hi - lo], {c: read[c][:hi - lo] for c in cols}
+
+    def _forget_dangling_update(self) -> None:
+        """A resumed store whose last record takes its update from a next record that was never
+        committed (a kill): that update is unknown (NaN), and the next record written now is
+        another step's."""
+        n, flags = self.records.rows, self.records.columns.get(UPDATE_FROM_PARAMS)
+        if n and flags is not None and self.records.read(UPDATE_FROM_PARAMS, n - 1, n)[0] == 1:
+            update = self.records.columns.get("update")
+            if update is not None:
+                update.write(n - 1, update.fill_row)
+            flags.write(n - 1, np.int8(0).tobytes())
+            flags.close()
 
     def write_dataset(self, ds: xr.Dataset) -> None:
         """Write finalize results: variables over a subset of steps are placed on their rows."""
@@ -708,7 +742,7 @@ def _check_store(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path} is a zarr store but not a landscape run (no 'landscape_schema' attribute)")
     if not compatible(version):
         raise StoreError(
-            f"{path} uses landscape schema {version}, this landscape reads {SCHEMA_VERSION.split('.')[0]}.x: "
+            f"{path} uses landscape schema {version}, this landscape reads {' and '.join(f'{m}.x' for m in READABLE_MAJORS)}: "
             "open it with the landscape version that wrote it, or re-record the run"
         )
     return _read_commit(path)
@@ -735,13 +769,44 @@ def open_run(path: str | os.PathLike[str], *, chunks: Any = None) -> xr.Dataset:
     return ds
 
 
+def _derive_updates(update: np.ndarray, params: np.ndarray, steps: np.ndarray, flags: np.ndarray) -> None:
+    """Fill the rows of ``update`` flagged ``update_from_params`` with the next row's params minus
+    their own (NaN where the next row is missing or another step's). ``params`` and ``steps``
+    may hold one row more than ``update`` (the first of the next block)."""
+    m = len(flags)
+    ok = np.zeros(m, dtype=bool)
+    k = min(m, len(steps) - 1)
+    ok[:k] = steps[1:k + 1] == steps[:k] + 1
+    derived = flags == 1
+    good = derived & ok
+    # runs of consecutive rows: one subtraction each
+    for run in np.split(np.flatnonzero(good), np.flatnonzero(np.diff(np.flatnonzero(good)) != 1) + 1) if good.any() else []:
+        i, j = run[0], run[-1] + 1
+        np.subtract(params[i + 1:j + 1], params[i:j], out=update[i:j])
+    update[derived & ~ok] = np.nan
+
+
 def open_trajectory(path: str | os.PathLike[str], *, chunks: Any = None) -> xr.Dataset:
-    """The recorded trajectory vectors (params, gradients, updates, probe-batch gradients)."""
+    """The recorded trajectory vectors (params, gradients, updates, probe-batch gradients).
+
+    ``update`` rows stored as ``params`` differences are derived here (lazily, with dask, in the
+    store's chunks when ``chunks`` is None)."""
     path = Path(path)
     commit = _check_store(path)
     ds = _open_group(path, TRAJECTORY, chunks)
     if "record" in ds.dims:
         ds = ds.isel(record=slice(0, int(commit["records"])))
+    if UPDATE_FROM_PARAMS in ds and {"update", "params"} <= set(ds.data_vars) and ds["update"].dims == ds["params"].dims:
+        flags = ds[UPDATE_FROM_PARAMS]
+        parts = ds[["params", "update", "step"]]
+        if chunks is None:  # lazily: never the whole trajectory in memory
+            parts = parts.chunk({"record": ds["params"].encoding.get("chunks", (ds.sizes["record"],))[0] or 1})
+        nxt = parts["params"].shift(record=-1)
+        follows = parts["step"].shift(record=-1) == parts["step"] + 1
+        derived = xr.where(follows, nxt - parts["params"], np.float32(np.nan)).astype(np.float32)
+        update = xr.where(flags == 1, derived, parts["update"]).astype(np.float32)
+        update.attrs = ds["update"].attrs
+        ds = ds.drop_vars(UPDATE_FROM_PARAMS).assign(update=update.transpose(*ds["update"].dims))
     return ds
 
 

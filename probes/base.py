@@ -41,9 +41,12 @@ class Context:
 
     ``params`` is w_t (the point before update t), ``grad`` the gradient the optimizer received at
     step t (after the user's clipping/accumulation, before momentum or Adam), ``update`` the
-    realised w_{t+1} - w_t. All flat, detached copies the probe may keep, unless every probe due
-    at the step says :attr:`Probe.holds_step_vectors` is False: then they are buffers the
-    recorder lends for the step and reuses afterwards.
+    realised w_{t+1} - w_t (w_{t+1}: see :attr:`Probe.reads_only_step`). All flat, detached
+    copies the probe may keep, unless every probe due at the step says
+    :attr:`Probe.holds_step_vectors` is False: then they are buffers the recorder lends for the
+    step and reuses afterwards. ``next_step_due``: the probes due at step t + 1 when that step
+    is measured right after this one with w_{t+1} as its ``params`` (a probe streaming both
+    then need not store ``update``, see ``landscape.schema``); empty otherwise.
     """
 
     step: int
@@ -58,6 +61,7 @@ class Context:
     lr: float = float("nan")
     weight_decay: Tensor | None = None
     grad_norm: float = float("nan")  # |grad| in float64, computed once by the recorder
+    next_step_due: Sequence[Any] = ()
     # at finalize only
     final_params: Tensor | None = None
     trajectory: TrajectoryIter | None = None
@@ -140,8 +144,12 @@ class Probe:
         """Whether :meth:`measure` depends on nothing but the Context's values of the step
         (step, params, grad, update, loss, lr, weight_decay, grad_norm) and this probe's own
         fixed settings: not on the model, the optimizer or the probe batches, which change or
-        are evaluated as training goes on. True lets the recorder measure quick steps a few
-        steps late, in batches (see ``commit_delay`` of :class:`landscape.Recorder`)."""
+        are evaluated as training goes on. True lets the recorder measure the step once it has
+        read w_{t+1} where it reads w anyway, at the next step's start (quick steps a few steps
+        late, in batches; see ``commit_delay`` of :class:`landscape.Recorder`): the update is
+        then the move to the next iterate, an edit of the weights between steps included.
+        Probes that evaluate the model are measured right after ``optimizer.step()``, with the
+        update it made."""
         return False
 
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:

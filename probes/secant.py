@@ -21,7 +21,7 @@ from torch import Tensor
 
 from landscape.functional import FunctionalModel, flat_point
 from landscape.linalg import GaussianSketch
-from landscape.schema import Var, attrs_for, var
+from landscape.schema import UPDATE_FROM_PARAMS, Unwritten, Var, attrs_for, var
 from probes.base import Context, Measurement, Probe, float32, trajectory_var
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -191,6 +191,9 @@ class RestrictedSecant(Probe):
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
         self._dim = functional.dim
         self._stream_attrs = {}
+        flag_attrs = {"long_name": "update stored as the next record's params minus these (1) or as is (0)",
+                      "units": "1", "probe": self.name}
+        self._derived_flag = {d: Var((), np.int8(d), flag_attrs) for d in (False, True)}
         if self.reference is not None:
             self._ref = flat_point(self.reference, functional)
         if self.sketch_k is not None:
@@ -255,6 +258,12 @@ class RestrictedSecant(Probe):
         out.trajectory["params"] = self._streamed("params", sk(w) if sk else w, (vec_dim,), "parameters w_t")
         out.trajectory["grad"] = self._streamed("grad", sk(ctx.grad) if sk else ctx.grad, (vec_dim,), "training gradient g_t")
         out.trajectory["update"] = self._streamed("update", sk(ctx.update) if sk else ctx.update, (vec_dim,), "update w_{t+1} - w_t")
+        if sk is None:
+            # the next step's params minus these, when that step is stored next: not stored twice
+            derived = any(p is self for p in ctx.next_step_due)
+            if derived:
+                out.trajectory["update"].data = Unwritten(tuple(ctx.update.shape), np.dtype(np.float32))
+            out.trajectory[UPDATE_FROM_PARAMS] = self._derived_flag[derived]
         if sk is not None and lam is not None:
             out.trajectory["grad_wd"] = self._streamed("grad_wd", sk(directions["grad_wd"]), (vec_dim,), "g_t + lambda w_t")
         if self.samples:

@@ -11,6 +11,7 @@ from _helpers import digits, loader, train
 
 import landscape
 import landscape.recorder as recorder_module
+import landscape.store as store_module
 from landscape.models import DigitsCNN, DigitsMLP
 from landscape.schema import var
 from probes import Measurement, Probe, RestrictedSecant
@@ -379,14 +380,14 @@ def test_lent_buffers_and_batched_steps_record_the_same_numbers(tmp_path, monkey
     batches: list[int] = []
     drain = recorder_module.Recorder._drain
 
-    def counted(self):  # type: ignore[no-untyped-def]
+    def counted(self, **kwargs):  # type: ignore[no-untyped-def]
         batches.append(len(self._deferred))
-        drain(self)
+        drain(self, **kwargs)
 
     monkeypatch.setattr(recorder_module.Recorder, "_drain", counted)
     fast, fast_log = _record_mlp(tmp_path / "fast.zarr", [RestrictedSecant(every=1, samples=0)], 70)
     assert max(batches) > 1  # steps were measured in batches
-    assert fast._buffers.made == 3 and len(fast._buffers.free) == 3
+    assert fast._buffers.made == 3 and len(fast._buffers.free) == 3 and not fast.probe_errors
     batches.clear()
     slow, slow_log = _record_mlp(tmp_path / "slow.zarr", [_Copying(every=1, samples=0)], 70, commit_delay=0)
     assert max(batches, default=0) == 0 and slow._buffers.made == 0
@@ -433,3 +434,122 @@ def test_a_step_that_raises_gives_its_buffer_back(tmp_path):
     assert len(rec._buffers.free) == rec._buffers.made > 0
     ds = landscape.open_run(tmp_path / "r.zarr")
     assert ds.step.values.tolist() == list(range(6)) and np.isfinite(ds.rsi_train.values[:5]).all()
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("commit_delay", [0.25, 0.0], ids=["batched", "at-once"])
+def test_update_is_the_move_between_iterates(tmp_path, commit_delay):
+    """The stored update is w_{t+1} - w_t, bit for bit, whether the step is measured in a batch
+    (w_{t+1} read when the next step starts) or at once (read right after the step); the last
+    one's w_{t+1} is the parameters at close."""
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0)],
+                           store=tmp_path / "r.zarr", commit_delay=commit_delay)
+    before, after = [], []
+    opt.register_step_pre_hook(lambda *_: before.append(_flat(model)))
+    opt.register_step_post_hook(lambda *_: after.append(_flat(model)))
+    train(model, opt, 40)
+    rec.close()
+    assert not rec.probe_errors
+    traj = landscape.open_trajectory(tmp_path / "r.zarr")
+    w, u = traj["params"].values, traj["update"].values
+    np.testing.assert_array_equal(w, torch.stack(before).numpy())
+    np.testing.assert_array_equal(u, (torch.stack(after) - torch.stack(before)).numpy())
+    np.testing.assert_array_equal(u[:-1], w[1:] - w[:-1])
+    # batched steps store it as the next record's params minus these (but the last of a batch)
+    flags = store_module._open_group(tmp_path / "r.zarr", "trajectory", None)["update_from_params"].values
+    if commit_delay:
+        assert flags.sum() >= 30 and flags[-1] == 0
+    else:
+        assert not flags.any()
+
+
+def test_update_includes_edits_between_steps(tmp_path):
+    """A loop that edits the weights after ``optimizer.step()`` (a projection, through ``p.data``):
+    the update is the move between the iterates the gradients were taken at, edit included,
+    whether the steps are measured in batches or one by one (commit_delay=0)."""
+    stores = {}
+    for name, delay in (("batched", 0.25), ("at_once", 0.0)):
+        torch.manual_seed(0)
+        model = DigitsMLP(hidden=8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0)],
+                               store=tmp_path / f"{name}.zarr", commit_delay=delay)
+        optimizer_steps = []
+        opt.register_step_pre_hook(lambda *_: optimizer_steps.append(-_flat(model)))
+        opt.register_step_post_hook(lambda *_: optimizer_steps[-1].add_(_flat(model)))
+
+        def project(step, loss):  # noqa: ARG001
+            for p in model.parameters():
+                p.data.clamp_(-0.06, 0.06)
+
+        train(model, opt, 20, on_step=project)
+        final = _flat(model)
+        rec.close()
+        assert not rec.probe_errors
+        traj = landscape.open_trajectory(tmp_path / f"{name}.zarr")
+        stores[name] = (traj["params"].values, traj["update"].values, final.numpy(), torch.stack(optimizer_steps).numpy())
+    for name, (w, u, final, own) in stores.items():
+        np.testing.assert_array_equal(u[:-1], w[1:] - w[:-1], err_msg=name)
+        np.testing.assert_array_equal(u[-1], final - w[-1], err_msg=name)
+        assert np.abs(u - own).max() > 1e-3  # the projection moved the weights
+    np.testing.assert_array_equal(stores["batched"][1], stores["at_once"][1])
+
+
+def test_update_at_steps_that_evaluate_the_model_is_the_optimizer_step(tmp_path):
+    """Where a probe that evaluates the model is due, the step is measured right after
+    ``optimizer.step()`` (the model as the step left it), and its update is the optimizer's own
+    step: with an edit between steps, those rows differ from the move between iterates."""
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    keeper = _Keeper(every=4)  # reads_only_step is False: it may evaluate the model
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0), keeper],
+                           store=tmp_path / "r.zarr")
+    own = []
+    opt.register_step_pre_hook(lambda *_: own.append(-_flat(model)))
+    opt.register_step_post_hook(lambda *_: own[-1].add_(_flat(model)))
+    train(model, opt, 12, on_step=lambda step, loss: [p.data.clamp_(-0.06, 0.06) for p in model.parameters()])
+    rec.close()
+    assert not rec.probe_errors
+    traj = landscape.open_trajectory(tmp_path / "r.zarr")
+    w, u, own = traj["params"].values, traj["update"].values, torch.stack(own).numpy()
+    for t in range(11):
+        if t % 4 == 0:
+            np.testing.assert_allclose(u[t], own[t], rtol=1e-6, atol=1e-7, err_msg=str(t))
+            np.testing.assert_array_equal(keeper.kept[t][2].numpy(), u[t])
+        else:
+            np.testing.assert_array_equal(u[t], w[t + 1] - w[t], err_msg=str(t))
+
+
+def test_a_step_whose_recording_fails_keeps_the_later_steps(tmp_path, monkeypatch):
+    """An internal error while recording one step (not a probe's) is warned about; that step is
+    stored as failed, with its loss, and every later step is still recorded."""
+    queue = recorder_module.Recorder._queue_step
+
+    def flaky(self, item, *args):  # type: ignore[no-untyped-def]
+        if item.step == 5:
+            raise RuntimeError("internal failure")
+        return queue(self, item, *args)
+
+    monkeypatch.setattr(recorder_module.Recorder, "_queue_step", flaky)
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0)],
+                           store=tmp_path / "r.zarr")
+    with pytest.warns(RuntimeWarning, match="internal failure"):
+        losses = train(model, opt, 12)
+        rec.close()
+    ds = landscape.open_run(tmp_path / "r.zarr")
+    assert ds.step.values.tolist() == list(range(12)) and not rec.writer.errors
+    np.testing.assert_allclose(ds.loss.values, losses, rtol=1e-6)
+    assert ds.probe_failed.values.tolist() == [0] * 5 + [1] + [0] * 6
+    rsi = ds.rsi_train.values
+    assert np.isnan(rsi[5]) and np.isfinite(np.delete(rsi, 5)).all()
+    assert len(rec._buffers.free) == rec._buffers.made

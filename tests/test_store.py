@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import landscape
 from landscape.cli import main as cli_main
 from landscape.models import DigitsMLP
-from landscape.schema import Var
+from landscape.schema import UPDATE_FROM_PARAMS, Unwritten, Var
 from landscape.store import RunWriter, StoreError
 from probes import RestrictedSecant
 
@@ -156,13 +156,15 @@ def test_schema_errors(tmp_path):
     _small_run(tmp_path / "r.zarr", "sgd", 0, 2)
     meta = tmp_path / "r.zarr" / "zarr.json"
     doc = json.loads(meta.read_text())
-    doc["attributes"]["landscape_schema"] = "2.0"
+    assert doc["attributes"]["landscape_schema"] == "2.0"
+    doc["attributes"]["landscape_schema"] = "3.0"
     meta.write_text(json.dumps(doc))
-    with pytest.raises(StoreError, match="schema 2.0.*reads 1.x"):
+    with pytest.raises(StoreError, match="schema 3.0.*reads 1.x and 2.x"):
         landscape.open_run(tmp_path / "r.zarr")
-    doc["attributes"]["landscape_schema"] = "1.7"  # a newer minor version stays readable
-    meta.write_text(json.dumps(doc))
-    assert landscape.open_run(tmp_path / "r.zarr").sizes["step"] == 2
+    for readable in ("2.7", "1.0"):  # a newer minor version, and stores without derived updates
+        doc["attributes"]["landscape_schema"] = readable
+        meta.write_text(json.dumps(doc))
+        assert landscape.open_run(tmp_path / "r.zarr").sizes["step"] == 2
     (tmp_path / "r.zarr" / ".landscape-commit.json").unlink()
     with pytest.raises(StoreError, match="not written by landscape.attach"):
         landscape.open_run(tmp_path / "r.zarr")
@@ -348,3 +350,50 @@ def test_close_cleans_what_a_failed_group_left_past_the_committed_rows(tmp_path)
     assert not (path / "trajectory" / "v" / "c.1.0").exists()
     assert landscape.open_run(path).sizes["step"] == chunk_rows + 2  # the step rows went in whole
     assert landscape.open_trajectory(path).sizes["record"] == chunk_rows - 1
+
+
+def test_updates_derived_from_params_read_back(tmp_path):
+    """``update`` rows flagged ``update_from_params`` are not stored; both readers give the next
+    record's params minus these (NaN after a gap in the steps or at the last record), in blocks
+    that split pairs too; a resumed store forgets a last derived update whose next record a kill
+    lost."""
+    rng = np.random.default_rng(0)
+    steps = [0, 1, 2, 3, 5, 6, 7]  # step 4 missing: a gap
+    P = rng.standard_normal((len(steps), 300)).astype(np.float32)
+    U = rng.standard_normal((len(steps), 300)).astype(np.float32)
+    derived = [1, 0, 1, 1, 1, 1, 1]  # row 3 (step 3) is followed by step 5: NaN; row 6 is last: NaN
+    flag_attrs = {"long_name": "derived", "units": "1"}
+    w = RunWriter(tmp_path / "r.zarr", {})
+    for i, step in enumerate(range(8)):
+        traj = None
+        if step in steps:
+            r = steps.index(step)
+            upd = Unwritten((300,), np.dtype(np.float32)) if derived[r] else U[r]
+            traj = {"params": Var(("param",), P[r], {}), "update": Var(("param",), upd, {}),
+                    UPDATE_FROM_PARAMS: Var((), np.int8(derived[r]), flag_attrs)}
+        w.append(step, {"loss": Var((), np.float64(step), {})}, traj)
+    expected = U.copy()
+    for r in range(len(steps)):
+        if derived[r]:
+            ok = r + 1 < len(steps) and steps[r + 1] == steps[r] + 1
+            expected[r] = P[r + 1] - P[r] if ok else np.nan
+    for max_bytes in (2 * 300 * 4, 3 * 300 * 4, 10**9):  # blocks of 1, 1 (params read too), all
+        got = [(s.copy(), a["update"].copy()) for s, a in w.iter_trajectory(["update"], max_bytes=max_bytes, reuse=True)]
+        np.testing.assert_array_equal(np.concatenate([s for s, _ in got]), steps)
+        np.testing.assert_array_equal(np.concatenate([a for _, a in got]), expected)
+    w.close()
+    tr = landscape.open_trajectory(tmp_path / "r.zarr")
+    assert UPDATE_FROM_PARAMS not in tr and tr["update"].dtype == np.float32
+    np.testing.assert_array_equal(tr["update"].values, expected)
+    np.testing.assert_array_equal(landscape.open_trajectory(tmp_path / "r.zarr", chunks={})["update"].values, expected)
+    # after a kill that lost the record after the last one, resuming must not pair it with another step
+    commit = tmp_path / "r.zarr" / ".landscape-commit.json"
+    state = json.loads(commit.read_text())
+    w = RunWriter(tmp_path / "r.zarr", {}, resume=True)
+    w.append(8, {"loss": Var((), np.float64(8), {})}, {"params": Var(("param",), P[0], {}), "update": Var(("param",), U[0], {}),
+                                                       UPDATE_FROM_PARAMS: Var((), np.int8(0), flag_attrs)})
+    w.close()
+    assert state["records"] == len(steps)
+    tr = landscape.open_trajectory(tmp_path / "r.zarr")
+    assert tr["step"].values.tolist() == [*steps, 8]
+    assert np.isnan(tr["update"].values[len(steps) - 1]).all()  # not P[0] - P[-1]
