@@ -53,7 +53,6 @@ _NO_FLAG = {name: Var((), np.int8(0), _ATTRS[name]) for name in ("nonfinite", "p
 # past it the measuring costs too little of the step to matter, and is done at once.
 _DEFER_STEPS = 32
 _QUICK_STEP_S = 0.05
-_UNKNOWN = torch.empty(0)  # a w_{t+1} that was never read (see Recorder._give_next_iterate)
 
 
 class _Step(NamedTuple):
@@ -364,13 +363,14 @@ class Recorder:
         # Runs at every optimizer step: kept to a few operations when no probe is due.
         if self._closed:
             return None
+        buf = None
         try:
             if self._capturing:
                 self._stop_capture()
             closure = args[1] if len(args) > 1 else kwargs.get("closure")
             step = self.step
             due = [p for p in self.probes if p.due(step)]
-            params = grad = buf = None
+            params = grad = None
             if self._pending is not None and self._pending[4] is not None:
                 self._release_unfinished(self._pending[4])  # the last step() raised before its post-hook
             if due:  # w_t, and g_t unless a closure computes it during step()
@@ -392,9 +392,16 @@ class Recorder:
             if closure is not None:
                 return self._wrap_closure(args, kwargs, closure)
         except Exception as exc:
-            if self._awaiting:  # its w_{t+1} was not read: unknown, recorded as NaN
-                with contextlib.suppress(Exception):
-                    self._give_next_iterate(_UNKNOWN)
+            if self._awaiting:  # its w_{t+1} was not read
+                self._lose_next_iterate()
+            # the step still counts and gets its row (loss, lr), without probes: later steps
+            # keep their indices
+            if buf is not None:
+                self._release_unfinished(buf)
+            lrs = [math.nan]
+            with contextlib.suppress(Exception):
+                lrs = [float(g["lr"]) for g in optimizer.param_groups]
+            self._pending = ([], None, None, lrs, None)
             self._internal_error(exc)
         return None
 
@@ -461,8 +468,8 @@ class Recorder:
         step = _Step(index, due, params, grad, update, lrs, buf, self._roots, self._closure_loss, logged)
         self._roots, self._closure_loss = [], None
         if wait:
-            if self._awaiting:  # the step hook missed it (an internal error): unknown
-                self._give_next_iterate(_UNKNOWN)
+            if self._awaiting:  # the step hook missed it (an internal error)
+                self._lose_next_iterate()
             if not self._deferred:
                 self._deferred_since = now
             self._deferred.append(step)
@@ -480,13 +487,11 @@ class Recorder:
 
     def _give_next_iterate(self, w_next: Tensor | None) -> None:
         """Complete the last deferred step's update u_t = w_{t+1} - w_t with w_{t+1}: ``w_next``
-        (w read at the start of the next recorded step, kept until the step is measured), the
-        parameters now (None), or NaN (``_UNKNOWN``)."""
+        (w read at the start of the next recorded step, kept until the step is measured) or the
+        parameters now (None)."""
         self._awaiting = False
         step = self._deferred[-1]
         try:
-            if w_next is _UNKNOWN:
-                raise RuntimeError("w_{t+1} unknown")
             if step.buf is not None:
                 if w_next is None:
                     step.buf.read_next()
@@ -497,13 +502,19 @@ class Recorder:
                 nxt = w_next if w_next is not None else self.functional.flat_params()
                 self._deferred[-1] = step._replace(update=nxt - step.params)
         except BaseException:
-            if step.buf is not None:
-                step.buf.next = None
-                step.buf.u.fill_(math.nan)  # unknown, and never another step's numbers
-            else:
-                self._deferred[-1] = step._replace(update=torch.full_like(step.params, math.nan))  # type: ignore[arg-type]
-            if w_next is not _UNKNOWN:
-                raise
+            self._lose_next_iterate()
+            raise
+
+    def _lose_next_iterate(self) -> None:
+        """The last deferred step's w_{t+1} was not read: its update is unknown (NaN), and never
+        another step's numbers."""
+        self._awaiting = False
+        step = self._deferred[-1]
+        if step.buf is not None:
+            step.buf.next = None
+            step.buf.u.fill_(math.nan)
+        elif step.params is not None:
+            self._deferred[-1] = step._replace(update=torch.full_like(step.params, math.nan))
 
     def _release_unfinished(self, buf: _StepBuffer) -> None:
         """Return the buffer of a step whose ``optimizer.step()`` raised; a deferred step whose
@@ -889,9 +900,8 @@ class _StepBuffer:
 
     def finish(self) -> None:
         """u = w_{t+1} - w_t, with w_{t+1} the parameters now."""
-        with torch.no_grad():
-            torch._foreach_copy_(self._u, self.owner.params)
-            self.u.sub_(self.w)
+        self.read_next()
+        self.settle()
 
     def read_next(self) -> None:
         """Read w_{t+1} (the parameters now) for :meth:`settle`."""

@@ -637,9 +637,8 @@ class RunWriter:
                 out = bufs[c][:min(n, hi + k) - lo] if reuse else None
                 if flags is not None and c == "update":  # only the stored rows: the others are holes
                     out = out if out is not None else np.empty((hi - lo, *table.columns[c].rest), table.columns[c].dtype)
-                    stored = np.flatnonzero(flags != 1)
-                    for run in np.split(stored, np.flatnonzero(np.diff(stored) != 1) + 1) if stored.size else []:
-                        table.read(c, lo + run[0], lo + run[-1] + 1, out[run[0]:run[-1] + 1])
+                    for i, j in _runs(flags != 1):
+                        table.read(c, lo + i, lo + j, out[i:j])
                     read[c] = out
                 else:
                     read[c] = table.read(c, lo, min(n, hi + k), out)
@@ -778,12 +777,15 @@ def _derive_updates(update: np.ndarray, params: np.ndarray, steps: np.ndarray, f
     k = min(m, len(steps) - 1)
     ok[:k] = steps[1:k + 1] == steps[:k] + 1
     derived = flags == 1
-    good = derived & ok
-    # runs of consecutive rows: one subtraction each
-    for run in np.split(np.flatnonzero(good), np.flatnonzero(np.diff(np.flatnonzero(good)) != 1) + 1) if good.any() else []:
-        i, j = run[0], run[-1] + 1
+    for i, j in _runs(derived & ok):  # one subtraction per run of rows
         np.subtract(params[i + 1:j + 1], params[i:j], out=update[i:j])
     update[derived & ~ok] = np.nan
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` ranges where ``mask`` is True."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], mask, [False])).astype(np.int8)))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
 def open_trajectory(path: str | os.PathLike[str], *, chunks: Any = None) -> xr.Dataset:

@@ -553,3 +553,36 @@ def test_a_step_whose_recording_fails_keeps_the_later_steps(tmp_path, monkeypatc
     rsi = ds.rsi_train.values
     assert np.isnan(rsi[5]) and np.isfinite(np.delete(rsi, 5)).all()
     assert len(rec._buffers.free) == rec._buffers.made
+
+
+def test_a_step_hook_that_fails_keeps_the_step_count(tmp_path, monkeypatch):
+    """An internal error in the hook before a step (here: reading the step's vectors) is warned
+    about; the step still gets its row (loss, no probes), later steps keep their indices, and the
+    step before it, which waited for this step's w, stores a NaN update rather than a wrong one."""
+    read = recorder_module._StepBuffer.read
+    calls = []
+
+    def flaky(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 6:  # step 5
+            raise RuntimeError("read failed")
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(recorder_module._StepBuffer, "read", flaky)
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0)],
+                           store=tmp_path / "r.zarr")
+    with pytest.warns(RuntimeWarning, match="read failed"):
+        losses = train(model, opt, 12)
+        rec.close()
+    ds = landscape.open_run(tmp_path / "r.zarr")
+    assert ds.step.values.tolist() == list(range(12)) and not rec.writer.errors
+    np.testing.assert_allclose(ds.loss.values, losses, rtol=1e-6)
+    assert np.isnan(ds.rsi_train.values[5]) and np.isfinite(np.delete(ds.rsi_train.values, 5)).all()
+    traj = landscape.open_trajectory(tmp_path / "r.zarr")
+    assert traj.step.values.tolist() == [s for s in range(12) if s != 5]
+    u = traj["update"].values
+    assert np.isnan(u[4]).all() and np.isfinite(np.delete(u, 4, axis=0)).all()
+    assert len(rec._buffers.free) == rec._buffers.made
