@@ -538,21 +538,28 @@ def test_a_step_whose_recording_fails_keeps_the_later_steps(tmp_path, monkeypatc
         return queue(self, item, *args)
 
     monkeypatch.setattr(recorder_module.Recorder, "_queue_step", flaky)
+    ds = _record_through_a_fault(tmp_path / "r.zarr", "internal failure")
+    assert ds.probe_failed.values.tolist() == [0] * 5 + [1] + [0] * 6
+
+
+def _record_through_a_fault(store, match):  # type: ignore[no-untyped-def]
+    """12 steps of RestrictedSecant(samples=0) where step 5 meets an internal error (warned as
+    ``match``): every step has its row and its loss, only step 5 lacks the probe's numbers, and
+    every buffer comes back."""
     torch.manual_seed(0)
     model = DigitsMLP(hidden=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0)],
-                           store=tmp_path / "r.zarr")
-    with pytest.warns(RuntimeWarning, match="internal failure"):
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0)], store=store)
+    with pytest.warns(RuntimeWarning, match=match):
         losses = train(model, opt, 12)
         rec.close()
-    ds = landscape.open_run(tmp_path / "r.zarr")
+    ds = landscape.open_run(store)
     assert ds.step.values.tolist() == list(range(12)) and not rec.writer.errors
     np.testing.assert_allclose(ds.loss.values, losses, rtol=1e-6)
-    assert ds.probe_failed.values.tolist() == [0] * 5 + [1] + [0] * 6
     rsi = ds.rsi_train.values
     assert np.isnan(rsi[5]) and np.isfinite(np.delete(rsi, 5)).all()
     assert len(rec._buffers.free) == rec._buffers.made
+    return ds
 
 
 def test_a_step_hook_that_fails_keeps_the_step_count(tmp_path, monkeypatch):
@@ -569,20 +576,8 @@ def test_a_step_hook_that_fails_keeps_the_step_count(tmp_path, monkeypatch):
         return read(self, *args, **kwargs)
 
     monkeypatch.setattr(recorder_module._StepBuffer, "read", flaky)
-    torch.manual_seed(0)
-    model = DigitsMLP(hidden=8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0)],
-                           store=tmp_path / "r.zarr")
-    with pytest.warns(RuntimeWarning, match="read failed"):
-        losses = train(model, opt, 12)
-        rec.close()
-    ds = landscape.open_run(tmp_path / "r.zarr")
-    assert ds.step.values.tolist() == list(range(12)) and not rec.writer.errors
-    np.testing.assert_allclose(ds.loss.values, losses, rtol=1e-6)
-    assert np.isnan(ds.rsi_train.values[5]) and np.isfinite(np.delete(ds.rsi_train.values, 5)).all()
+    _record_through_a_fault(tmp_path / "r.zarr", "read failed")
     traj = landscape.open_trajectory(tmp_path / "r.zarr")
     assert traj.step.values.tolist() == [s for s in range(12) if s != 5]
     u = traj["update"].values
     assert np.isnan(u[4]).all() and np.isfinite(np.delete(u, 4, axis=0)).all()
-    assert len(rec._buffers.free) == rec._buffers.made
