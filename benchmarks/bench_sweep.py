@@ -44,7 +44,7 @@ from bench_spine import fmt, git_state, spread  # noqa: E402
 import landscape  # noqa: E402
 from landscape.data import load_digits, split  # noqa: E402
 from landscape.models import DigitsCNN  # noqa: E402
-from landscape.sweeps import sweep  # noqa: E402
+from landscape.sweeps import local_cluster, sweep  # noqa: E402
 from probes import RestrictedSecant  # noqa: E402
 
 RESULTS = HERE / "results" / "sweep.json"
@@ -99,8 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    from distributed import LocalCluster
-
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     load0 = loadavg()
     t_start = time.perf_counter()
@@ -124,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         end_to_end: dict[int, list[float]] = {w: [] for w in WORKERS}
         warm: dict[int, list[float]] = {w: [] for w in WORKERS}
         job_s: dict[int, list[float]] = {w: [] for w in WORKERS}
-        clusters = {w: LocalCluster(n_workers=w, threads_per_worker=1, processes=True, dashboard_address=None,
-                                    silence_logs=40) for w in WORKERS}
+        clusters = {w: local_cluster(w) for w in WORKERS}  # the cluster sweep() starts by default
         try:
             for w, c in clusters.items():  # warm-up: the workers import torch and landscape, run a job
                 sweep(bench_train, configs, SEEDS, work / f"warm-{w}", scheduler=c.scheduler_address, progress=False)

@@ -56,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the run stores (default runs/demo)")
     d.add_argument("--seeds", type=int, default=5, help="seeds per optimizer (default 5)")
     d.add_argument("--epochs", type=int, default=6, help="epochs per run (default 6)")
+    d.add_argument("--workers", type=int, default=2, help="worker processes that train the runs side by side "
+                   "(default 2, one torch thread each; 1: one after the other in this process)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     w = sub.add_parser("sweep", help="run the demo's experiment (optimizers x seeds on the digits) as parallel jobs on dask; "
                        "re-running skips the finished runs")
@@ -81,9 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from landscape.demo import DemoConfig, run_demo
 
-        if args.seeds < 1 or args.epochs < 1:
-            parser.error("--seeds and --epochs must be >= 1")
-        run_demo(DemoConfig(out=args.out, seeds=tuple(range(args.seeds)), epochs=args.epochs), progress=not args.no_progress)
+        if args.seeds < 1 or args.epochs < 1 or args.workers < 1:
+            parser.error("--seeds, --epochs and --workers must be >= 1")
+        run_demo(DemoConfig(out=args.out, seeds=tuple(range(args.seeds)), epochs=args.epochs), progress=not args.no_progress,
+                 workers=args.workers)
         return 0
     if args.command == "sweep":
         from landscape.sweeps import digits_train, parse_optimizers, sweep

@@ -5,21 +5,24 @@ interpolation) and slices recorded; then the per-optimizer tables, the compariso
 with effect sizes and p-values, and the HTML report."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from tqdm.auto import tqdm
 
 import landscape
 from landscape.data import load_digits, split
 from landscape.models import DigitsCNN
 from landscape.optim import SAM
+from landscape.store import run_attrs
 from probes import (HessianSpectrum, HessianTrace, Interpolation, LossProfile, PreconditionedSharpness, RestrictedSecant,
                     Sharpness, SpectralDensity, StepCurvature, TrajectoryPCA, ValleyWidth)
 
@@ -111,12 +114,21 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{v.mean():.{digits}g} ± {sd:.1g}"
 
 
-def summary_table(paths: list[Path]) -> str:
+RunsArg = Sequence[Union[Path, xr.Dataset]]
+
+
+def _each(runs: RunsArg) -> Iterator[xr.Dataset]:
+    """Each run as a dataset: a store path is opened, a dataset (from ``open_run``) passed through."""
+    for item in runs:
+        yield item if isinstance(item, xr.Dataset) else landscape.open_run(item)
+
+
+def summary_table(runs: RunsArg) -> str:
     """Per-optimizer table over seeds (mean ± sd): final loss and accuracy, median gamma against its
-    null band, mu_hat and L_hat (quantile estimates), implied step and contraction rate."""
+    null band, mu_hat and L_hat (quantile estimates), implied step and contraction rate. ``runs``:
+    store paths or datasets from ``open_run`` (here and in the other tables)."""
     rows: dict[str, dict[str, list[float]]] = {}
-    for p in paths:
-        ds = landscape.open_run(p)
+    for ds in _each(runs):
         name = ds.attrs["run"]["optimizer"]
         r = rows.setdefault(name, {k: [] for k in ("loss", "acc", "gamma", "null", "mu", "L", "step", "rate", "guar")})
         r["loss"].append(ds.attrs.get("final_train_loss", math.nan))
@@ -147,13 +159,12 @@ def _last(da: Any) -> float:
     return float(v[-1]) if v.size else math.nan
 
 
-def curvature_table(paths: list[Path]) -> str:
+def curvature_table(runs: RunsArg) -> str:
     """Per-optimizer curvature over seeds (mean ± sd): lambda_max and the trace at the end, the
     median stability ratio over the second half of training (the first steps of Adam, with
     v_hat ~ g^2, are a transient), and the Hessian-vector products per spectrum measurement."""
     rows: dict[str, dict[str, list[float]]] = {}
-    for p in paths:
-        ds = landscape.open_run(p)
+    for ds in _each(runs):
         if "lambda_max" not in ds:
             continue
         r = rows.setdefault(ds.attrs["run"]["optimizer"], {k: [] for k in ("lmax", "lmax_peak", "trace", "se", "ratio", "mv")})
@@ -181,15 +192,14 @@ def _median_late(da: Any) -> float:
     return float(late.median())
 
 
-def flatness_table(paths: list[Path]) -> str:
+def flatness_table(runs: RunsArg) -> str:
     """Per-optimizer flatness over seeds (mean ± sd) at the last measurement: sharpness in raw and
     scale-aware forms, valley widths along the river (trajectory) and the wall (top
     eigenvector) with their ratio, the floor curvature along the step and the anisotropy
     lambda_max / floor (medians over the second half), and the barrier on the straight line from
     the first checkpoint to the final iterate."""
     rows: dict[str, dict[str, list[float]]] = {}
-    for p in paths:
-        ds = landscape.open_run(p)
+    for ds in _each(runs):
         if "sharpness" not in ds:
             continue
         r = rows.setdefault(ds.attrs["run"]["optimizer"], {k: [] for k in ("avg", "avg_a", "worst_a", "sam", "asam", "w_r", "w_w",
@@ -232,8 +242,8 @@ def comparison_table(paths: list[Path]) -> str:
 
     from landscape.compare import compare
 
-    runs = landscape.open_runs(paths).load()
-    attrs = [landscape.open_run(p).attrs for p in paths]
+    runs = landscape.open_runs(paths, load=True)
+    attrs = [run_attrs(p) for p in paths]
     runs["test_accuracy"] = ("run", np.array([a.get("test_accuracy", np.nan) for a in attrs], dtype=float),
                              {"long_name": "test accuracy", "units": "1"})
     arms = list(dict.fromkeys(str(o) for o in runs["optimizer"].values))
@@ -268,30 +278,61 @@ def comparison_table(paths: list[Path]) -> str:
     return text
 
 
-def run_demo(cfg: DemoConfig, progress: bool = True) -> list[Path]:
-    """Train every (optimizer, seed), print the tables, write ``<out>/report.html``, return the store paths."""
-    cfg.out.mkdir(parents=True, exist_ok=True)
+def _settings(cfg: DemoConfig) -> dict[str, Any]:
+    """The training settings that differ from the defaults: run metadata, and a sweep job's config."""
+    default = DemoConfig()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DemoConfig)
+            if f.name not in ("out", "seeds", "optimizers") and getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def train_all(cfg: DemoConfig, progress: bool = True, workers: int = 2) -> list[Path]:
+    """Every (optimizer, seed) run of the demo, in optimizer then seed order. ``workers >= 2``: as
+    a :func:`landscape.sweep` on that many single-threaded worker processes (the demo's 15 runs
+    on 2 cores: 140 s, against 199 s one after the other with 2 torch threads, which the small
+    CNN's operations use poorly); ``workers=1``: one after the other in this process."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    settings = _settings(cfg)
+    if workers > 1:
+        from landscape.sweeps import digits_train, sweep
+
+        res = sweep(digits_train, {name: settings for name in cfg.optimizers}, list(cfg.seeds), cfg.out,
+                    workers=workers, resume=False, progress=progress)
+        if res.failed:
+            raise RuntimeError(f"landscape demo: {len(res.failed)} of {len(res.failed) + len(res.finished)} runs "
+                               f"failed\n{res.summary()}")
+        return res.complete
     X, y = load_digits()
     data = split(X, y, 0.8, seed=0)
     steps_per_epoch = math.ceil(len(data[0][0]) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs * len(cfg.seeds) * len(cfg.optimizers)
-    t0 = time.perf_counter()
     paths = []
     with tqdm(total=total, desc="training", unit="step", disable=not progress) as bar:
         for name in cfg.optimizers:
             for seed in cfg.seeds:
                 bar.set_postfix_str(f"{name} seed {seed}")
-                paths.append(train_one(name, seed, cfg, data, bar))
-    print(f"\n{len(paths)} runs in {time.perf_counter() - t0:.0f} s, written to {cfg.out}/\n")
-    print(summary_table(paths))
+                paths.append(train_one(name, seed, cfg, data, bar, run=settings))
+    return paths
+
+
+def run_demo(cfg: DemoConfig, progress: bool = True, workers: int = 2) -> list[Path]:
+    """Train every (optimizer, seed) (:func:`train_all`), print the tables, write
+    ``<out>/report.html``, return the store paths."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    paths = train_all(cfg, progress, workers)
+    print(f"\n{len(paths)} runs in {time.perf_counter() - t0:.0f} s ({workers} worker process{'es' if workers > 1 else ''}), "
+          f"written to {cfg.out}/\n")
+    loaded = [landscape.open_run(p).load() for p in paths]  # once for the three tables
+    print(summary_table(loaded))
     print("\ngamma = cos(g, w - w_T) on 8 fixed probe batches; the null band is that of a random direction in d dims.")
     print()
-    print(curvature_table(paths))
+    print(curvature_table(loaded))
     print(f"\nHessian of the loss on one probe batch of {cfg.batch_size} (BN in eval mode), every {cfg.curvature_every} steps: "
           "top-5 by warm-started Lanczos, trace by Hutch++ (30 products); stability ratio = lr * lambda / c with "
           "lambda of the optimizer's preconditioned Hessian (1 = edge of stability).")
     print()
-    print(flatness_table(paths))
+    print(flatness_table(loaded))
     print(f"\nEvery {cfg.flatness_every} steps on the same probe batch: sharpness L(w + delta) - L(w) at rho = 0.05 "
           "(average: Gaussian delta; adaptive: scaled by |w|, invariant under rescalings that keep the function; worst: "
           "Auto-PGD, 20 steps; SAM/ASAM: one ascent step); valley widths t+ + t- where the loss rises by 0.1 along the "

@@ -24,7 +24,7 @@ import xarray as xr
 import landscape
 from landscape import plot
 from landscape.plot._style import runs as _runs
-from landscape.store import expand_runs, open_run, open_runs
+from landscape.store import expand_runs, open_runs, run_attrs
 
 RunsArg = str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | xr.Dataset
 
@@ -205,10 +205,10 @@ def _load(runs: RunsArg) -> tuple[xr.Dataset, list[dict[str, Any]]]:
     paths = expand_runs(runs)
     metas = []
     for p in paths:
-        meta = dict(open_run(p).attrs)
+        meta = run_attrs(p)
         meta["_label"] = p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.name
         metas.append(meta)
-    return open_runs(paths).load(), metas
+    return open_runs(paths, load=True), metas
 
 
 def _fmt(v: Any) -> str:

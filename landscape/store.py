@@ -730,12 +730,16 @@ def _read_commit(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path}/{COMMIT} is corrupt ({exc})") from None
 
 
-def _check_store(path: Path) -> dict[str, Any]:
+def _group_attrs(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise StoreError(f"no run store at {path}")
     if not (path / "zarr.json").exists():
         raise StoreError(f"{path} is not a zarr v3 store (no zarr.json): open_run reads stores written by landscape.attach")
-    attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    return json.loads((path / "zarr.json").read_text()).get("attributes", {})
+
+
+def _check_store(path: Path) -> dict[str, Any]:
+    attrs = _group_attrs(path)
     version = attrs.get("landscape_schema")
     if version is None:
         raise StoreError(f"{path} is a zarr store but not a landscape run (no 'landscape_schema' attribute)")
@@ -766,6 +770,14 @@ def open_run(path: str | os.PathLike[str], *, chunks: Any = None) -> xr.Dataset:
     ds.attrs["store_path"] = str(path)
     ds.attrs["closed"] = bool(commit.get("closed", False))
     return ds
+
+
+def run_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The attrs ``open_run(path)`` gives (run metadata, probe settings, annotations, ``closed``)
+    without opening the arrays: for tables over many runs."""
+    path = Path(path)
+    commit = _check_store(path)
+    return {**_group_attrs(path), "store_path": str(path), "closed": bool(commit.get("closed", False))}
 
 
 def _derive_updates(update: np.ndarray, params: np.ndarray, steps: np.ndarray, flags: np.ndarray) -> None:
@@ -834,16 +846,20 @@ def expand_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
     return out
 
 
-def open_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> xr.Dataset:
+def open_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, load: bool = False) -> xr.Dataset:
     """Many runs as one lazy dataset with dims ``run``, ``step``, ...
 
     ``run`` is labelled by the store's name; ``optimizer``, ``seed`` and every other scalar of
     the ``run=`` metadata become coordinates along ``run``. Runs of different lengths are padded
-    with NaN.
+    with NaN. ``load=True`` reads each run into memory first and combines them with numpy: the
+    same dataset as ``open_runs(paths).load()``, several times faster for runs with many small
+    variables (no dask graph of a task per variable and run).
     """
+    if not isinstance(load, bool):
+        raise TypeError(f"load must be True or False, got {load!r}")
     runs = []
     for p in expand_runs(paths):
-        ds = open_run(p, chunks={})
+        ds = open_run(p).load() if load else open_run(p, chunks={})
         meta = ds.attrs.get("run", {}) or {}
         name = p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.name
         ds = ds.expand_dims(run=[name])

@@ -19,10 +19,12 @@ OPTIMIZERS = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "adam":
 
 
 def _log(config: dict, name: str, seed: int) -> None:
-    """One JSON line per call in ``<log_dir>/<name>-<seed>.jsonl``: who ran it, with how many threads."""
+    """One JSON line per call in ``<log_dir>/<name>-<seed>.jsonl``: who ran it, with how many threads and
+    which MALLOC_TRIM_THRESHOLD_."""
     if config.get("log_dir"):
         with open(Path(config["log_dir"]) / f"{name}-{seed}.jsonl", "a") as f:
-            f.write(json.dumps({"pid": os.getpid(), "threads": torch.get_num_threads()}) + "\n")
+            f.write(json.dumps({"pid": os.getpid(), "threads": torch.get_num_threads(),
+                                "malloc_trim": os.environ.get("MALLOC_TRIM_THRESHOLD_")}) + "\n")
 
 
 def tiny_train(name: str, config: dict, seed: int, store_path: Path) -> None:

@@ -24,7 +24,7 @@ import landscape
 from landscape.cli import main as cli_main
 from landscape.models import DigitsMLP
 from landscape.schema import UPDATE_FROM_PARAMS, Unwritten, Var
-from landscape.store import RunWriter, StoreError
+from landscape.store import RunWriter, StoreError, run_attrs
 from probes import RestrictedSecant
 
 CHILD = textwrap.dedent("""
@@ -127,6 +127,16 @@ def test_open_runs_concatenates_lazily_with_run_coordinates(tmp_path):
     assert (runs.lr == 0.01).all()
     by_opt = runs.loss.groupby("optimizer").mean("run")  # the comparison users make
     assert set(by_opt.optimizer.values.tolist()) == {"adam", "sgd"}
+    # read into memory at once: the same dataset, without dask
+    eager = landscape.open_runs(str(tmp_path / "*.zarr"), load=True)
+    xr.testing.assert_identical(eager, runs.load())
+    assert eager.loss.chunks is None
+    with pytest.raises(TypeError, match="load must be True or False"):
+        landscape.open_runs(str(tmp_path / "*.zarr"), load="yes")
+    # a run's attrs without opening its arrays
+    assert run_attrs(tmp_path / "adam-0.zarr") == landscape.open_run(tmp_path / "adam-0.zarr").attrs
+    with pytest.raises(StoreError, match="no run store"):
+        run_attrs(tmp_path / "nothing.zarr")
     with pytest.raises(StoreError, match="no run store matches"):
         landscape.open_runs(str(tmp_path / "nothing-*.zarr"))
 

@@ -15,7 +15,7 @@ import pytest
 import landscape
 from landscape.cli import main as cli_main
 from landscape.store import COMMIT
-from landscape.sweeps import FAILED, SweepResult, digits_train, parse_optimizers, store_complete, sweep
+from landscape.sweeps import FAILED, SweepResult, digits_train, local_cluster, parse_optimizers, store_complete, sweep
 from tests._sweep_jobs import tiny_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,9 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def scheduler() -> Iterator[str]:
     """One 2-worker cluster shared by the tests that pass a scheduler address (starting a cluster
     costs seconds); the first test builds its own through sweep()'s default path."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=40) as c:
+    with local_cluster(2) as c:
         yield c.scheduler_address
 
 
@@ -35,7 +33,8 @@ def _log(log_dir: Path) -> dict[str, list[dict]]:
     return {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(log_dir.glob("*.jsonl"))}
 
 
-def test_sweep_on_local_cluster_then_open_runs(tmp_path: Path) -> None:
+def test_sweep_on_local_cluster_then_open_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)  # an earlier default LocalCluster leaves it here
     logs = tmp_path / "log"
     logs.mkdir()
     configs = {"sgd": {"steps": 6, "log_dir": str(logs)}, "adam": {"steps": 6, "log_dir": str(logs)}}
@@ -49,6 +48,8 @@ def test_sweep_on_local_cluster_then_open_runs(tmp_path: Path) -> None:
     assert sorted(log) == sorted(p.stem for p in expected) and all(len(v) == 1 for v in log.values())
     pids = {v[0]["pid"] for v in log.values()}
     assert os.getpid() not in pids and len(pids) == 2
+    # dask's default MALLOC_TRIM_THRESHOLD_=65536 made torch jobs 2-2.5x slower: the sweep unsets it
+    assert all(v[0]["malloc_trim"] is None and v[0]["threads"] == 1 for v in log.values())
 
     ds = landscape.open_runs(str(tmp_path / "runs" / "*.zarr"))
     assert sorted(ds["run"].values.tolist()) == sorted(p.stem for p in expected)
