@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import probes
 from landscape import plot
 from landscape.models import DigitsMLP
 from landscape.plot import MissingVariableError
-from landscape.plot._style import color
+from landscape.plot._style import color, runs
 from landscape.schema import attrs_for
 from probes.curvature import density_on_grid
 from tests._helpers import digits, train
@@ -428,3 +429,26 @@ def test_figures_on_one_recorded_run(recorded_root):
     dens = plot.spectral_density(ds, grid=50, logz=False)
     np.testing.assert_allclose(np.asarray(dens.data[0].z), density_on_grid(ds, grid=50).values.T, rtol=1e-12)
     assert list(plot.compare(ds, "lambda_max").data[0].y) == [ds["lambda_max"].sel(block="model").values[15]]
+
+
+def test_runs_select_a_run_only_when_its_dataset_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = _synthetic()
+    selected: list[int] = []
+    isel = xr.Dataset.isel
+
+    def counting(self: xr.Dataset, *args: Any, **kwargs: Any) -> xr.Dataset:
+        if "run" in kwargs:
+            selected.append(kwargs["run"])
+        return isel(self, *args, **kwargs)
+
+    monkeypatch.setattr(xr.Dataset, "isel", counting)
+    all_runs = list(runs(ds))
+    assert [(r.label, r.optimizer, int(r.seed)) for r in all_runs] == [(f"{o}-{s}", o, s) for o, s in RUNS]
+    assert selected == []  # labels and optimizers cost no selection
+    second = all_runs[1]
+    xr.testing.assert_identical(second.ds, isel(ds, run=1))
+    assert second.ds is second.ds and selected == [1]  # selected once, then kept
+    one = isel(ds, run=0)
+    one.attrs["run"] = {"optimizer": "adam", "seed": 0}
+    [only] = runs(one)  # a dataset from open_run: the run itself
+    assert only.label == "adam-0" and only.ds is one

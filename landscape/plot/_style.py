@@ -6,7 +6,8 @@ from live objects, and are returned, never shown.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -63,12 +64,19 @@ def band_color(hex_color: str, opacity: float = BAND_OPACITY) -> str:
 
 @dataclass
 class Run:
-    """One run of a dataset: its label, optimizer, seed and its own (run-less) dataset."""
+    """One run of a dataset: its label, optimizer, seed and its own (run-less) dataset ``ds``,
+    selected from the runs' dataset when first asked for: most figures take only the labels
+    (and the data through ``_of_run``), and selecting a run of every variable costs milliseconds."""
 
     label: str
     optimizer: str
     seed: Any
-    ds: xr.Dataset
+    source: xr.Dataset = field(repr=False)
+    index: int | None = None  # its position along ``run`` in ``source``; None: ``source`` is this run
+
+    @functools.cached_property
+    def ds(self) -> xr.Dataset:
+        return self.source if self.index is None else self.source.isel(run=self.index)
 
 
 def runs(ds: xr.Dataset) -> Iterator[Run]:
@@ -79,7 +87,7 @@ def runs(ds: xr.Dataset) -> Iterator[Run]:
         seed = ds["seed"].values if "seed" in ds.coords else np.full(ds.sizes["run"], None)
         for i, label in enumerate(ds["run"].values):
             # stores recorded without run={"optimizer": ...} have an empty optimizer: use the run
-            yield Run(str(label), str(opt[i]) or str(label), seed[i], ds.isel(run=i))
+            yield Run(str(label), str(opt[i]) or str(label), seed[i], ds, i)
         return
     meta = ds.attrs.get("run") or {}
     optimizer = str(meta.get("optimizer", "run")) if isinstance(meta, dict) else "run"
