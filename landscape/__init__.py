@@ -13,7 +13,7 @@ from landscape.recorder import Recorder, attach
 from landscape.schedule import Schedule
 from landscape.slices import interpolate, slice_run
 from landscape.sweeps import sweep
-from landscape.store import StoreError, open_run, open_runs, open_trajectory, to_netcdf
+from landscape.store import StoreError, open_run, open_runs, open_trajectory, stack_runs, to_netcdf
 
-__all__ = ["Recorder", "Schedule", "StoreError", "attach", "interpolate", "open_run", "open_runs", "open_trajectory", "slice_run",
+__all__ = ["Recorder", "Schedule", "StoreError", "attach", "interpolate", "open_run", "open_runs", "open_trajectory", "slice_run", "stack_runs",
            "sweep", "to_netcdf", "__version__"]

@@ -22,7 +22,7 @@ import landscape
 from landscape.data import load_digits, split
 from landscape.models import DigitsCNN
 from landscape.optim import SAM
-from landscape.store import run_attrs
+from landscape.store import stack_runs
 from probes import (HessianSpectrum, HessianTrace, Interpolation, LossProfile, PreconditionedSharpness, RestrictedSecant,
                     Sharpness, SpectralDensity, StepCurvature, TrajectoryPCA, ValleyWidth)
 
@@ -235,28 +235,29 @@ OUTCOMES: tuple[tuple[str, str, dict[str, Any], str], ...] = (
 )
 
 
-def comparison_table(paths: list[Path]) -> str:
+def comparison_table(runs: RunsArg) -> str:
     """Per outcome: mean ± sd per optimizer over seeds and, per pair, A12 = P(row arm > column
-    arm) with the Holm-corrected two-sided Mann-Whitney p (landscape.compare)."""
+    arm) with the Holm-corrected two-sided Mann-Whitney p (landscape.compare). ``runs``: store
+    paths or datasets from ``open_run``."""
     import warnings
 
     from landscape.compare import compare
 
-    runs = landscape.open_runs(paths, load=True)
-    attrs = [run_attrs(p) for p in paths]
-    runs["test_accuracy"] = ("run", np.array([a.get("test_accuracy", np.nan) for a in attrs], dtype=float),
-                             {"long_name": "test accuracy", "units": "1"})
-    arms = list(dict.fromkeys(str(o) for o in runs["optimizer"].values))
+    each = [ds.load() for ds in _each(runs)]
+    stacked = stack_runs(each)
+    stacked["test_accuracy"] = ("run", np.array([ds.attrs.get("test_accuracy", np.nan) for ds in each], dtype=float),
+                                {"long_name": "test accuracy", "units": "1"})
+    arms = list(dict.fromkeys(str(o) for o in stacked["optimizer"].values))
     pairs = [(a, b) for i, a in enumerate(arms) for b in arms[i + 1:]]
     header = ["outcome"] + arms + [f"{a} vs {b}: A12, p" for a, b in pairs]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     notes: set[str] = set()
     for label, var, sel, statistic in OUTCOMES:
-        if var not in runs:
+        if var not in stacked:
             continue
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
-            res = compare(runs, var, sel=sel or None, statistic=statistic)
+            res = compare(stacked, var, sel=sel or None, statistic=statistic)
         notes.update(res.notes)
         cells = [label] + [_fmt(list(res.values.values[np.asarray(res.values["optimizer"].values) == arm])) for arm in arms]
         mw = res.tests[res.tests["test"] == "mann_whitney"]
@@ -323,7 +324,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, workers: int = 2) -> list[P
     paths = train_all(cfg, progress, workers)
     print(f"\n{len(paths)} runs in {time.perf_counter() - t0:.0f} s ({workers} worker process{'es' if workers > 1 else ''}), "
           f"written to {cfg.out}/\n")
-    loaded = [landscape.open_run(p).load() for p in paths]  # once for the three tables
+    loaded = [landscape.open_run(p).load() for p in paths]  # read once for the tables and the report
     print(summary_table(loaded))
     print("\ngamma = cos(g, w - w_T) on 8 fixed probe batches; the null band is that of a random direction in d dims.")
     print()
@@ -339,11 +340,11 @@ def run_demo(cfg: DemoConfig, progress: bool = True, workers: int = 2) -> list[P
           "trajectory direction (river) and the top Hessian eigenvector (wall), unit directions; every "
           f"{cfg.curvature_every} steps the curvature u'Hu along the step taken.")
     print()
-    print(comparison_table(paths))
+    print(comparison_table(loaded))
     print(f"\nOver {len(cfg.seeds)} seeds per optimizer: mean ± sd; A12 = P(first arm's value > second's) (0.5: no "
           "difference), p = two-sided Mann-Whitney, Holm-corrected over the pairs (* p < 0.05).")
     print(f"Open one run: landscape.open_run('{paths[0]}'); all: landscape.open_runs('{cfg.out}/*.zarr')")
     from landscape.report import write_report  # plotly: only when the demo gets this far
 
-    print(f"Report (open in a browser, works offline): {write_report(paths, cfg.out / 'report.html')}")
+    print(f"Report (open in a browser, works offline): {write_report(loaded, cfg.out / 'report.html')}")
     return paths

@@ -24,9 +24,9 @@ import xarray as xr
 import landscape
 from landscape import plot
 from landscape.plot._style import runs as _runs
-from landscape.store import expand_runs, open_runs, run_attrs
+from landscape.store import expand_runs, open_runs, run_attrs, stack_runs
 
-RunsArg = str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | xr.Dataset
+RunsArg = str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | xr.Dataset | Sequence[xr.Dataset]
 
 
 @dataclass
@@ -202,6 +202,12 @@ def _load(runs: RunsArg) -> tuple[xr.Dataset, list[dict[str, Any]]]:
         else:
             metas = [dict(ds.attrs)]
         return ds.load(), metas
+    items = list(runs) if isinstance(runs, (list, tuple)) else None
+    if items and any(isinstance(r, xr.Dataset) for r in items):  # each from open_run: their attrs are whole
+        if not all(isinstance(r, xr.Dataset) for r in items):
+            raise TypeError("runs: give store paths (or globs), or datasets from landscape.open_run, not a mix")
+        ds = stack_runs([r.load() for r in items])
+        return ds, [{**r.attrs, "_label": str(label)} for r, label in zip(items, ds["run"].values)]
     paths = expand_runs(runs)
     metas = []
     for p in paths:
@@ -324,7 +330,8 @@ def _figure_html(fig_spec: Figure, ds: xr.Dataset, index: int) -> str:
 def write_report(runs: RunsArg, out: str | os.PathLike[str], *, title: str | None = None) -> Path:
     """Write ONE self-contained HTML page of ``runs`` to ``out`` and return its path.
 
-    ``runs``: run store paths, globs (``"runs/demo/*.zarr"``), or a dataset from ``open_run`` /
+    ``runs``: run store paths, globs (``"runs/demo/*.zarr"``), a list of datasets from
+    ``open_run`` (already loaded ones are not read again), or a dataset from ``open_run`` /
     ``open_runs`` (then only run, optimizer and seed are known for the metadata table of a
     multi-run dataset). The page embeds plotly.js once, inline (it works offline), a table of the
     runs' metadata, and the figures of :mod:`landscape.plot` for the variables present, grouped

@@ -857,10 +857,19 @@ def open_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], 
     """
     if not isinstance(load, bool):
         raise TypeError(f"load must be True or False, got {load!r}")
-    runs = []
-    for p in expand_runs(paths):
-        ds = open_run(p).load() if load else open_run(p, chunks={})
+    return stack_runs([open_run(p).load() if load else open_run(p, chunks={}) for p in expand_runs(paths)])
+
+
+def stack_runs(runs: Sequence[xr.Dataset]) -> xr.Dataset:
+    """Datasets from :func:`open_run` as one dataset along ``run``: what :func:`open_runs` gives
+    for their stores (loaded ones stay in memory: open them once for per-run and stacked use)."""
+    parts = []
+    for ds in runs:
+        if not isinstance(ds, xr.Dataset) or "store_path" not in ds.attrs or "run" in ds.dims:
+            raise TypeError("stack_runs takes datasets from landscape.open_run (one run each, with attrs['store_path']); "
+                            "for store paths use landscape.open_runs")
         meta = ds.attrs.get("run", {}) or {}
+        p = Path(ds.attrs["store_path"])
         name = p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.name
         ds = ds.expand_dims(run=[name])
         for key in ("optimizer", "seed"):
@@ -869,14 +878,16 @@ def open_runs(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], 
             if key not in ("optimizer", "seed") and isinstance(value, (int, float, str, bool)):
                 ds = ds.assign_coords({key: ("run", [value])})
         ds.attrs = {"landscape_schema": ds.attrs["landscape_schema"]}
-        runs.append(ds)
+        parts.append(ds)
+    if not parts:
+        raise StoreError("no runs to stack")
     from dask.array.core import PerformanceWarning
 
     with warnings.catch_warnings():
         # xarray compares the runs' coordinates lazily; dask then warns about rechunking
         # arrays that hold a few numbers (seen with 15 runs): nothing to act on
         warnings.simplefilter("ignore", PerformanceWarning)
-        out = xr.concat(runs, dim="run", join="outer", combine_attrs="drop_conflicts", coords="different",
+        out = xr.concat(parts, dim="run", join="outer", combine_attrs="drop_conflicts", coords="different",
                         compat="equals", data_vars="all", fill_value=np.nan)
     return out
 

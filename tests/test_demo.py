@@ -11,7 +11,7 @@ import pytest
 
 import landscape
 from landscape.cli import main as cli_main
-from landscape.demo import DemoConfig, curvature_table, flatness_table, run_demo, summary_table, train_all
+from landscape.demo import DemoConfig, comparison_table, curvature_table, flatness_table, run_demo, summary_table, train_all
 from landscape.store import run_attrs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +35,7 @@ def test_demo_on_workers_and_in_process(tmp_path: Path, capsys: pytest.CaptureFi
     assert 0.0 <= meta["test_accuracy"] <= 1.0
     # the tables read store paths or loaded datasets alike
     loaded = [landscape.open_run(p).load() for p in paths]
-    for table in (summary_table, curvature_table, flatness_table):
+    for table in (summary_table, curvature_table, flatness_table, comparison_table):
         assert table(paths) == table(loaded)
 
     # workers=1: in this process, the same run as on a worker

@@ -119,6 +119,20 @@ def test_report_lists_the_runs_metadata(report, stores):
     assert sgd[8] == "none"  # probe errors
 
 
+
+def test_report_from_datasets_of_open_run_equals_the_one_from_paths(report, stores, tmp_path):
+    _, want = report
+    loaded = [landscape.open_run(p).load() for p in sorted(stores.glob("*.zarr"))]  # as the demo passes them
+    got = write_report(loaded, tmp_path / "loaded.html").read_text(encoding="utf-8")
+
+    def runs_table(page: str) -> str:
+        return page[page.index('<section id="runs">'):page.index("</table>")]
+
+    assert runs_table(got) == runs_table(want) and "pass the store paths" not in got  # the whole metadata
+    assert _figures(got) == _figures(want)
+    with pytest.raises(TypeError, match="not a mix"):
+        write_report([loaded[0], stores / "sgd-0.zarr"], tmp_path / "x.html")
+
 SECANT = ["loss", "lr", "gamma", "gamma_null", "gamma_quantiles", "eta_star", "rsi", "eb", "mu_hat", "L_hat"]
 
 

@@ -24,7 +24,7 @@ import landscape
 from landscape.cli import main as cli_main
 from landscape.models import DigitsMLP
 from landscape.schema import UPDATE_FROM_PARAMS, Unwritten, Var
-from landscape.store import RunWriter, StoreError, run_attrs
+from landscape.store import RunWriter, StoreError, run_attrs, stack_runs
 from probes import RestrictedSecant
 
 CHILD = textwrap.dedent("""
@@ -133,6 +133,13 @@ def test_open_runs_concatenates_lazily_with_run_coordinates(tmp_path):
     assert eager.loss.chunks is None
     with pytest.raises(TypeError, match="load must be True or False"):
         landscape.open_runs(str(tmp_path / "*.zarr"), load="yes")
+    # runs opened one by one, then stacked: the same dataset again
+    opened = [landscape.open_run(p) for p in sorted(tmp_path.glob("*.zarr"))]
+    xr.testing.assert_identical(stack_runs(opened), eager)
+    with pytest.raises(TypeError, match="datasets from landscape.open_run"):
+        stack_runs([eager])
+    with pytest.raises(StoreError, match="no runs"):
+        stack_runs([])
     # a run's attrs without opening its arrays
     assert run_attrs(tmp_path / "adam-0.zarr") == landscape.open_run(tmp_path / "adam-0.zarr").attrs
     with pytest.raises(StoreError, match="no run store"):
