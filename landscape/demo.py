@@ -289,8 +289,9 @@ def _settings(cfg: DemoConfig) -> dict[str, Any]:
 def train_all(cfg: DemoConfig, progress: bool = True, workers: int = 2) -> list[Path]:
     """Every (optimizer, seed) run of the demo, in optimizer then seed order. ``workers >= 2``: as
     a :func:`landscape.sweep` on that many single-threaded worker processes (the demo's 15 runs
-    on 2 cores: 140 s, against 199 s one after the other with 2 torch threads, which the small
-    CNN's operations use poorly); ``workers=1``: one after the other in this process."""
+    on 2 cores, back to back: 137.5 s and 142 s, against 180.4 s and 153 s one after the other
+    with 2 torch threads, which the small CNN's operations use poorly); ``workers=1``: one after
+    the other in this process."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     settings = _settings(cfg)
