@@ -730,16 +730,19 @@ def _read_commit(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path}/{COMMIT} is corrupt ({exc})") from None
 
 
-def _group_attrs(path: Path) -> dict[str, Any]:
+def _check_store(path: Path) -> dict[str, Any]:
+    """The commit record of a readable run store (else a StoreError that says why)."""
+    _check_attrs(path)
+    return _read_commit(path)
+
+
+def _check_attrs(path: Path) -> dict[str, Any]:
+    """The group attrs of a run store whose schema this version reads."""
     if not path.exists():
         raise StoreError(f"no run store at {path}")
     if not (path / "zarr.json").exists():
         raise StoreError(f"{path} is not a zarr v3 store (no zarr.json): open_run reads stores written by landscape.attach")
-    return json.loads((path / "zarr.json").read_text()).get("attributes", {})
-
-
-def _check_store(path: Path) -> dict[str, Any]:
-    attrs = _group_attrs(path)
+    attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
     version = attrs.get("landscape_schema")
     if version is None:
         raise StoreError(f"{path} is a zarr store but not a landscape run (no 'landscape_schema' attribute)")
@@ -748,7 +751,7 @@ def _check_store(path: Path) -> dict[str, Any]:
             f"{path} uses landscape schema {version}, this landscape reads {' and '.join(f'{m}.x' for m in READABLE_MAJORS)}: "
             "open it with the landscape version that wrote it, or re-record the run"
         )
-    return _read_commit(path)
+    return attrs
 
 
 def _open_group(path: Path, group: str | None, chunks: Any) -> xr.Dataset:
@@ -776,8 +779,8 @@ def run_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The attrs ``open_run(path)`` gives (run metadata, probe settings, annotations, ``closed``)
     without opening the arrays: for tables over many runs."""
     path = Path(path)
-    commit = _check_store(path)
-    return {**_group_attrs(path), "store_path": str(path), "closed": bool(commit.get("closed", False))}
+    attrs = _check_attrs(path)
+    return {**attrs, "store_path": str(path), "closed": bool(_read_commit(path).get("closed", False))}
 
 
 def _derive_updates(update: np.ndarray, params: np.ndarray, steps: np.ndarray, flags: np.ndarray) -> None:
