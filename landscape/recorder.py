@@ -539,8 +539,7 @@ class Recorder:
                         nxt = steps[i + 1] if i + 1 < len(steps) else None
                         if nxt is not None and nxt.buf is not None and step.buf.next is nxt.buf.w:
                             follows = nxt.due
-                        step.buf.settle()
-                    self._record(step, follows)
+                    self._record(step, follows)  # settles the update if a probe reads it
                 except Exception as exc:
                     self._internal_error(exc)
 
@@ -605,10 +604,13 @@ class Recorder:
                 self._warn_once("nonfinite-grad", f"non-finite gradient at step {step}: its geometry is recorded as NaN (flag `nonfinite`)")
             if self.world > 1:
                 self._sync_buffers()
+            # w_{t+1} read but u not computed yet (the next step's w_t is kept for it): on first read
+            settle = buf.settle if buf is not None and buf.next is not None else None
             ctx = _probe_base.Context(step=step, functional=fm, model=self.model, optimizer=self.optimizer,
                                       probe_batches=self.probe_batches, params=params, grad=grad,
                                       update=update, loss=loss, lr=lrs[0],
-                                      weight_decay=self.weight_decay, grad_norm=grad_norm, next_step_due=next_due)
+                                      weight_decay=self.weight_decay, grad_norm=grad_norm, next_step_due=next_due,
+                                      _finish_update=settle)
             trajectory = {}
             for probe in due:
                 out = self._run_probe(probe, probe.measure, ctx)
@@ -662,7 +664,7 @@ class Recorder:
 
     def _run_probe(self, probe: Probe, fn: Callable[[Context], Any], ctx: Context) -> Any:
         try:
-            if probe.evaluates_model or fn == probe.finalize:
+            if probe.finalize_evaluates_model if fn == probe.finalize else probe.evaluates_model:
                 with probe_guard(self.model, probe.bn_mode):
                     out = fn(ctx)
             else:

@@ -55,10 +55,21 @@ def _quiet_zarr() -> Iterator[None]:
         yield
 
 
+def _write_file(path: str | Path, data: bytes | memoryview) -> None:
+    """Create (or truncate) ``path`` and write ``data``: os calls, no Python file object."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, data: bytes | memoryview) -> None:
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{threading.get_ident()}.tmp")
+    _write_file(tmp, data)
     os.replace(tmp, path)
 
 
@@ -130,10 +141,11 @@ def _write_group_meta(path: Path, attrs: dict[str, Any]) -> None:
 
 
 def _write_array_meta(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
-                      dims: tuple[str, ...], attrs: dict[str, Any]) -> None:
+                      dims: tuple[str, ...], attrs: dict[str, Any], mkdir: bool = True) -> None:
     """Zarr v3 metadata of an uncompressed C-order array: the store stays a plain zarr store that
     zarr/xarray read, while rows are written as raw chunk bytes without zarr's machinery (which
-    costs milliseconds per call: too much for a per-step writer)."""
+    costs milliseconds per call: too much for a per-step writer). ``mkdir=False``: the folder
+    exists."""
     strings = dtype.kind in "OU"
     fill = "" if strings else _fill(dtype)
     if strings:
@@ -155,7 +167,8 @@ def _write_array_meta(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...
     }
     if dims:
         meta["dimension_names"] = list(dims)
-    path.mkdir(parents=True, exist_ok=True)
+    if mkdir:
+        path.mkdir(parents=True, exist_ok=True)
     _atomic_write(path / "zarr.json", _json(meta))
 
 
@@ -184,6 +197,7 @@ class _Column:
         self.big = int(np.prod(rest)) >= _BIG_ROW
         self.fill_row = np.full(rest, _fill(dtype), dtype=dtype).tobytes()
         self.fd, self.fd_chunk = -1, -1
+        self._key_prefix, self._key_suffix = os.path.join(dir, "c."), ".0" * len(rest)
 
     @classmethod
     def load(cls, dir: Path) -> "_Column | None":
@@ -199,16 +213,20 @@ class _Column:
         col.capacity = int(meta["shape"][0]) if meta["shape"] else 0
         return col
 
-    def key(self, chunk: int) -> Path:
-        return self.dir / ".".join(["c", str(chunk), *(["0"] * len(self.rest))])
+    def key(self, chunk: int) -> str:
+        # a string: pathlib's joins cost more than the reads they name
+        return f"{self._key_prefix}{chunk}{self._key_suffix}"
 
     def _open(self, chunk: int) -> None:
         self.close()
         path = self.key(chunk)
-        if not path.exists():
-            if self.big:
-                with open(path, "wb") as f:
-                    f.truncate(self.chunk_rows * self.row_bytes)
+        if not os.path.exists(path):
+            if self.big:  # sparse: its blocks are allocated as rows are written
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+                try:
+                    os.ftruncate(fd, self.chunk_rows * self.row_bytes)
+                finally:
+                    os.close(fd)
             else:
                 _atomic_write(path, self.fill_row * self.chunk_rows)
         self.fd, self.fd_chunk = os.open(path, os.O_WRONLY), chunk
@@ -255,9 +273,11 @@ class _Column:
             chunk, r0 = divmod(row, self.chunk_rows)
             n = min(hi - row, self.chunk_rows - r0)
             at = (row - lo) * self.row_bytes
-            with open(self.key(chunk), "rb", buffering=0) as f:  # one copy: file cache -> out
-                f.seek(r0 * self.row_bytes)
-                got = f.readinto(flat[at:at + n * self.row_bytes])
+            fd = os.open(self.key(chunk), os.O_RDONLY)
+            try:  # one copy: file cache -> out
+                got = os.preadv(fd, [flat[at:at + n * self.row_bytes]], r0 * self.row_bytes)
+            finally:
+                os.close(fd)
             if got != n * self.row_bytes:
                 raise StoreError(f"{self.key(chunk)}: short read ({got} of {n * self.row_bytes} bytes)")
             row += n
@@ -273,11 +293,13 @@ class _Column:
                 entry.unlink()
         # Small rows may be absent from later steps and must read as fill; vector rows are
         # always written (data or fill) before a commit, so their tails can stay sparse.
-        if not self.big and rows and rows % self.chunk_rows and self.key(last).exists():
+        if not self.big and rows and rows % self.chunk_rows and os.path.exists(self.key(last)):
             r0 = rows % self.chunk_rows
-            with open(self.key(last), "r+b") as f:
-                f.seek(r0 * self.row_bytes)
-                f.write(self.fill_row * (self.chunk_rows - r0))
+            fd = os.open(self.key(last), os.O_WRONLY)
+            try:
+                os.pwrite(fd, self.fill_row * (self.chunk_rows - r0), r0 * self.row_bytes)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -322,7 +344,7 @@ class _Table:
 
     def _write_meta(self, col: _Column, rows: int) -> None:
         _write_array_meta(col.dir, (rows, *col.rest), (col.chunk_rows, *col.rest), col.dtype,
-                          (self.row_dim, *col.dims), col.attrs)
+                          (self.row_dim, *col.dims), col.attrs, mkdir=not col.capacity)  # a new column: its folder
         col.capacity = rows
 
     def write_rows(self, rows: list[dict[str, Var]]) -> None:
@@ -380,8 +402,7 @@ class _Table:
             else:  # nothing lies past self.rows: no chunk listing, no tail to fill
                 col.close()
             if 0 < self.rows < col.chunk_rows:
-                with open(col.key(0), "r+b") as f:
-                    f.truncate(self.rows * col.row_bytes)
+                os.truncate(col.key(0), self.rows * col.row_bytes)
                 col.chunk_rows = self.rows
                 self._write_meta(col, self.rows)
             elif col.capacity != self.rows:
@@ -662,6 +683,12 @@ class RunWriter:
         """Write finalize results: variables over a subset of steps are placed on their rows."""
         self.flush()
         steps = self.steps.read("step", 0, self.steps.rows)
+        rows = None
+        if "step" in ds.dims:
+            own = np.asarray(ds["step"].values)
+            rows = np.searchsorted(steps, own)
+            if np.any(rows >= len(steps)) or np.any(steps[np.minimum(rows, len(steps) - 1)] != own):
+                raise StoreError(f"results for steps that were never recorded: {sorted(set(own.tolist()) - set(steps.tolist()))[:5]}")
         for name, da in ds.variables.items():
             if name == "step":
                 continue
@@ -671,26 +698,25 @@ class RunWriter:
                 dims = tuple(da.dims)
             data = np.asarray(da.values)
             dtype = _result_dtype(data)
-            if "step" in dims:
-                rows = np.searchsorted(steps, np.asarray(ds["step"].values))
-                if np.any(rows >= len(steps)) or np.any(steps[np.minimum(rows, len(steps) - 1)] != ds["step"].values):
-                    raise StoreError(f"{name}: results for steps that were never recorded")
+            if rows is not None and "step" in dims:
                 full = np.full((len(steps), *data.shape[1:]), _fill(dtype), dtype=dtype)
                 full[rows] = data
                 data = full
             # np.asarray(order="C"), not ascontiguousarray, which turns a 0-d result into shape (1,)
             data = np.asarray(data, dtype=dtype, order="C") if dtype.kind not in "OU" else data
             target = self.path / str(name)
-            if target.exists():
+            try:
+                os.mkdir(target)
+            except FileExistsError:  # an earlier close's results (a resumed run)
                 shutil.rmtree(target)
-            chunks = tuple(max(1, n) for n in data.shape)
-            _write_array_meta(target, data.shape, chunks, dtype, dims, dict(da.attrs))
+                os.mkdir(target)
+            # The chunk, then the metadata (atomically): a folder without zarr.json is no array
+            # to readers, so a kill in between leaves no array with a torn chunk.
             if data.size:
                 key = target / ".".join(["c", *(["0"] * data.ndim)])
-                if dtype.kind in "OU":
-                    _atomic_write(key, _vlen_utf8(data))
-                else:
-                    _atomic_write(key, memoryview(data).cast("B") if data.ndim else data.tobytes())
+                _write_file(key, _vlen_utf8(data) if dtype.kind in "OU" else data.tobytes() if not data.ndim else data)
+            chunks = tuple(max(1, n) for n in data.shape)
+            _write_array_meta(target, data.shape, chunks, dtype, dims, dict(da.attrs), mkdir=False)
 
     def set_attrs(self, **attrs: Any) -> None:
         """Update dataset attrs (JSON-able)."""

@@ -71,6 +71,10 @@ class Context:
     # vectors under "hessian_eigenvectors"), and the Hessian operators built at this step.
     shared: dict[str, Any] = field(default_factory=dict)
     _operators: dict[tuple[Any, ...], HessianOperator] = field(default_factory=dict, repr=False)
+    # Set by the recorder for a step measured in a batch: computes ``update`` in place when it
+    # is first read. A step's update that no probe reads (one the store derives from the next
+    # params, say) is then never computed.
+    _finish_update: Callable[[], None] | None = field(default=None, repr=False)
 
     def hessian(self, samples: int, bn_mode: BNMode = "eval", route: HVPRoute = "auto") -> HessianOperator:
         """The Hessian of the mean loss over the first ``samples`` probe batches at w_t.
@@ -87,6 +91,23 @@ class Context:
                 raise ValueError(f"asked for {samples} probe batches, the recorder drew {len(self.probe_batches)}")
             op = self._operators[key] = self.functional.hessian_operator(self.params, self.probe_batches[:samples], route)
         return op
+
+
+def _context_update(ctx: Context) -> Tensor | None:
+    finish = ctx._finish_update
+    if finish is not None:
+        ctx._finish_update = None
+        finish()
+    return ctx.__dict__["update"]
+
+
+def _set_context_update(ctx: Context, value: Tensor | None) -> None:
+    ctx.__dict__["update"] = value
+
+
+# After @dataclass, which reads a class attribute named like a field as its default: the
+# generated __init__ assigns ``update`` through the setter.
+Context.update = property(_context_update, _set_context_update)  # type: ignore[assignment]
 
 
 @dataclass
@@ -127,7 +148,7 @@ class Probe:
     def finalize_evaluates_model(self) -> bool:
         """Whether :meth:`finalize` runs the model. Under torch.distributed every rank runs such
         a finalize in step (its evaluations are summed across ranks); the others run on rank 0
-        only."""
+        only. One that says False also skips the guard."""
         return True
 
     @property
@@ -204,13 +225,6 @@ class BlockProbe(Probe):
         self.block_index: dict[str, Tensor | None] = {}
         self._block_sizes: dict[str, int] = {}
 
-    @property
-    def finalize_evaluates_model(self) -> bool:
-        """Whether :meth:`finalize` runs the model. Under torch.distributed every rank runs such
-        a finalize in step (its evaluations are summed across ranks); the others run on rank 0
-        only."""
-        return True
-
     def setup(self, functional: FunctionalModel, optimizer: torch.optim.Optimizer) -> None:
         self.block_index = resolve_blocks(functional.layout, functional.model, self.blocks)
         self._block_sizes = {k: functional.dim if v is None else int(v.numel()) for k, v in self.block_index.items()}
@@ -221,13 +235,18 @@ class BlockProbe(Probe):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "blocks": self._block_sizes or (None if self.blocks is None else repr(self.blocks))}
 
-def trajectory_var(x: Tensor, dims: tuple[str, ...], what: str, probe: str, sketch: Any = None) -> Var:
-    """A trajectory vector (float32) with attrs saying what it is, who wrote it and, for a
-    sketch (a :class:`landscape.linalg.GaussianSketch`), how it was sketched."""
+def trajectory_attrs(what: str, probe: str, sketch: Any = None) -> dict[str, Any]:
+    """The attrs of a trajectory vector: what it is, who wrote it and, for a sketch (a
+    :class:`landscape.linalg.GaussianSketch`), how it was sketched."""
     attrs: dict[str, Any] = {"long_name": what, "units": "1", "probe": probe}
     if sketch is not None:
         attrs["sketch"] = sketch.describe()
-    return Var(dims, float32(x), attrs)
+    return attrs
+
+
+def trajectory_var(x: Tensor, dims: tuple[str, ...], what: str, probe: str, sketch: Any = None) -> Var:
+    """A trajectory vector (float32) with :func:`trajectory_attrs`."""
+    return Var(dims, float32(x), trajectory_attrs(what, probe, sketch))
 
 
 def float32(x: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor
 from landscape.functional import FunctionalModel, flat_point
 from landscape.linalg import GaussianSketch
 from landscape.schema import UPDATE_FROM_PARAMS, Unwritten, Var, attrs_for, var
-from probes.base import Context, Measurement, Probe, float32, trajectory_var
+from probes.base import Context, Measurement, Probe, float32, trajectory_attrs
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 _FINAL_BLOCK_BYTES = 2**20  # trajectory rows per block at close: about a CPU's L2 cache
@@ -223,7 +223,8 @@ class RestrictedSecant(Probe):
 
     # -- per step -----------------------------------------------------------------------------
     def measure(self, ctx: Context) -> Measurement:
-        assert ctx.params is not None and ctx.grad is not None and ctx.update is not None
+        # ctx.update is read only where it is used: a batched step computes it on first read
+        assert ctx.params is not None and ctx.grad is not None
         fm, w = ctx.functional, ctx.params
         out = Measurement()
         settings = self._step_settings
@@ -257,12 +258,16 @@ class RestrictedSecant(Probe):
         vec_dim = "sketch" if sk is not None else "param"
         out.trajectory["params"] = self._streamed("params", sk(w) if sk else w, (vec_dim,), "parameters w_t")
         out.trajectory["grad"] = self._streamed("grad", sk(ctx.grad) if sk else ctx.grad, (vec_dim,), "training gradient g_t")
-        out.trajectory["update"] = self._streamed("update", sk(ctx.update) if sk else ctx.update, (vec_dim,), "update w_{t+1} - w_t")
+        # the next step's params minus these, when that step is stored next: not stored twice
+        # (nor computed: ctx.update is not read)
+        derived = sk is None and any(p is self for p in ctx.next_step_due)
+        if derived:
+            update: Tensor | Unwritten = Unwritten(tuple(w.shape), np.dtype(np.float32))
+        else:
+            assert ctx.update is not None
+            update = sk(ctx.update) if sk else ctx.update
+        out.trajectory["update"] = self._streamed("update", update, (vec_dim,), "update w_{t+1} - w_t")
         if sk is None:
-            # the next step's params minus these, when that step is stored next: not stored twice
-            derived = any(p is self for p in ctx.next_step_due)
-            if derived:
-                out.trajectory["update"].data = Unwritten(tuple(ctx.update.shape), np.dtype(np.float32))
             out.trajectory[UPDATE_FROM_PARAMS] = self._derived_flag[derived]
         if sk is not None and lam is not None:
             out.trajectory["grad_wd"] = self._streamed("grad_wd", sk(directions["grad_wd"]), (vec_dim,), "g_t + lambda w_t")
@@ -271,15 +276,13 @@ class RestrictedSecant(Probe):
                                                            ("sample", vec_dim), "probe-batch gradients")
         return out
 
-    def _streamed(self, name: str, x: Tensor, dims: tuple[str, ...], what: str) -> Var:
+    def _streamed(self, name: str, x: Tensor | Unwritten, dims: tuple[str, ...], what: str) -> Var:
         """A trajectory vector; its attrs are built at the first step and shared after (they
         never change, and this runs at every recorded step)."""
         attrs = self._stream_attrs.get(name)
         if attrs is None:
-            v = trajectory_var(x, dims, what, self.name, self._sketch)
-            self._stream_attrs[name] = v.attrs
-            return v
-        return Var(dims, float32(x), attrs)
+            attrs = self._stream_attrs[name] = trajectory_attrs(what, self.name, self._sketch)
+        return Var(dims, x if isinstance(x, Unwritten) else float32(x), attrs)
 
     def _variant_attrs(self, suffix: str, lam: Tensor | None) -> dict[str, Any]:
         if suffix == "_wd":

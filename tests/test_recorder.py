@@ -527,6 +527,69 @@ def test_update_at_steps_that_evaluate_the_model_is_the_optimizer_step(tmp_path)
             np.testing.assert_array_equal(u[t], w[t + 1] - w[t], err_msg=str(t))
 
 
+class _UpdateReader(Probe):
+    """Reads ctx.update during a batched step (lent buffers, measured once w_{t+1} is read)."""
+
+    name = "UpdateReader"
+
+    def __init__(self, every: int) -> None:
+        super().__init__(every)
+        self.seen: dict[int, np.ndarray] = {}
+
+    @property
+    def evaluates_model(self) -> bool:
+        return False
+
+    @property
+    def holds_step_vectors(self) -> bool:
+        return False
+
+    @property
+    def reads_only_step(self) -> bool:
+        return True
+
+    def measure(self, ctx):  # type: ignore[no-untyped-def]
+        self.seen[ctx.step] = ctx.update.numpy().copy()
+        return Measurement()
+
+
+def test_a_batched_update_is_computed_only_when_read(tmp_path, monkeypatch):
+    """In a batch, a step's update is computed on the first read of ``ctx.update``. Steps whose
+    update only RestrictedSecant wants, stored as the next params minus these, never compute
+    it; a probe that reads it gets w_{t+1} - w_t, bit for bit, as does the store."""
+    settled: list[int] = []
+    settle = recorder_module._StepBuffer.settle
+
+    def counted(self):  # type: ignore[no-untyped-def]
+        settled.append(1)
+        settle(self)
+
+    monkeypatch.setattr(recorder_module._StepBuffer, "settle", counted)
+    reader = _UpdateReader(every=5)
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0), reader],
+                           store=tmp_path / "r.zarr")
+    before, after = [], []
+    opt.register_step_pre_hook(lambda *_: before.append(_flat(model)))
+    opt.register_step_post_hook(lambda *_: after.append(_flat(model)))
+    train(model, opt, 40)
+    rec.close()
+    assert not rec.probe_errors and rec._buffers.made > 0
+    traj = landscape.open_trajectory(tmp_path / "r.zarr")
+    flags = store_module._open_group(tmp_path / "r.zarr", "trajectory", None)["update_from_params"].values
+    stored = int((flags == 0).sum())  # written as is: computed for the store
+    read_only = [t for t in reader.seen if flags[t] == 1]
+    assert stored >= 1 and read_only and flags.sum() >= 30
+    assert len(settled) == stored + len(read_only)
+    own = (torch.stack(after) - torch.stack(before)).numpy()
+    np.testing.assert_array_equal(traj["update"].values, own)
+    assert sorted(reader.seen) == list(range(0, 40, 5))
+    for t, u in reader.seen.items():
+        np.testing.assert_array_equal(u, own[t], err_msg=str(t))
+
+
 def test_a_step_whose_recording_fails_keeps_the_later_steps(tmp_path, monkeypatch):
     """An internal error while recording one step (not a probe's) is warned about; that step is
     stored as failed, with its loss, and every later step is still recorded."""

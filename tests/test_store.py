@@ -303,6 +303,32 @@ def test_resume_a_closed_run_keeps_every_row(tmp_path):
     np.testing.assert_array_equal(traj.v.values, vec)
 
 
+def test_results_go_on_their_rows_and_replace_earlier_ones(tmp_path):
+    """``write_dataset`` (a probe's results at close): values over some steps land on those
+    rows (NaN elsewhere), other dims and 0-d values as they are; a second write replaces the
+    first (a resumed run closes again); results for a step never recorded are refused. A result
+    folder without zarr.json (a kill between its chunk and its metadata) is no variable."""
+    path = tmp_path / "r.zarr"
+    w = RunWriter(path, {})
+    for i in range(10, 20):
+        w.append(i, {"loss": Var((), np.float64(i), {})})
+    first = xr.Dataset({"rsi": ("step", np.arange(3.0)), "mu_hat": ("bound", [1.0, 2.0]), "flag": ((), True),
+                        "label": ("bound", np.array(["min", "q05"]))}, coords={"step": [11, 14, 19]})
+    w.write_dataset(first)
+    w.write_dataset(first.assign(rsi=("step", [7.0, 8.0, 9.0])))
+    with pytest.raises(StoreError, match="never recorded"):
+        w.write_dataset(xr.Dataset({"eb": ("step", [1.0])}, coords={"step": [25]}))
+    (path / "orphan").mkdir()
+    (path / "orphan" / "c.0").write_bytes(b"torn")
+    w.close()
+    ds = landscape.open_run(path)
+    expected = np.full(10, np.nan)
+    expected[[1, 4, 9]] = [7.0, 8.0, 9.0]
+    np.testing.assert_array_equal(ds.rsi.values, expected)
+    assert ds.mu_hat.values.tolist() == [1.0, 2.0] and bool(ds.flag) and ds.label.values.tolist() == ["min", "q05"]
+    assert "eb" not in ds and "orphan" not in ds.variables
+
+
 def test_commit_delay_bounds_what_a_kill_can_lose(tmp_path):
     """Steps become visible (committed) by themselves: with max_delay=0 at once, with a long
     delay only after it (or a flush), never by a later step's write."""
