@@ -434,7 +434,7 @@ class _Record:
 class RunWriter:
     """Streams one run to ``path``: per-step rows, trajectory vectors and final results.
 
-    ``append`` only enqueues (the training thread does no I/O). A background thread writes the
+    ``append`` only enqueues (no I/O on the training thread). A background thread writes the
     queued steps in groups with one commit each (group commit): when ``batch_rows`` steps wait,
     when the queued vectors reach half of ``max_pending_bytes``, or ``max_delay`` seconds after
     the first queued step. So a step is committed within about ``max_delay`` of its
@@ -444,12 +444,19 @@ class RunWriter:
     bounded when the disk is slow or the machine busy.
     ``max_delay=0`` commits every step as soon as the writer gets to it (a wake-up per step).
     Write errors are kept, warned once, and never raised into training.
+
+    ``inline=True`` is for a caller with no core to spare for the writer thread (CPU training
+    whose torch threads use every core): the caller writes the queued steps itself, between two
+    of its steps, with :meth:`write_pending` (and ``append`` writes a full queue rather than wait).
+    The thread then only commits what the caller left queued for ``2 * max_delay`` (a caller
+    that stopped stepping), and takes over again when the caller sets ``inline`` back to False.
     """
 
     def __init__(self, path: str | os.PathLike[str], attrs: dict[str, Any], *, overwrite: bool = False,
                  resume: bool = False, batch_rows: int = 32, max_delay: float = 0.25, max_pending: int = 128,
-                 max_pending_bytes: int = 8 * 2**20) -> None:
+                 max_pending_bytes: int = 8 * 2**20, inline: bool = False) -> None:
         self.path = Path(path)
+        self.inline = inline
         if overwrite and resume:
             raise ValueError("overwrite=True and resume=True contradict each other: pick one")
         exists = self.path.exists()
@@ -492,7 +499,8 @@ class RunWriter:
             self._commit(closed=False)
         self._cv = threading.Condition()
         self._pending: list[_Record] = []
-        self._busy = False  # the writer holds a batch it took from _pending
+        self._busy = False  # a thread holds a batch it took from _pending
+        self._awaits_caller = False  # the writer thread waits for an inline write to end
         self._stop = False
         self._flushing = 0
         self._pending_bytes = 0
@@ -509,13 +517,20 @@ class RunWriter:
         open_run(self.path)  # raises a StoreError that says what is wrong
 
     # -- the writer thread --------------------------------------------------------------------
+    def _deadline(self) -> float:
+        """When the oldest queued step must be written by this thread (an inline caller gets
+        the first ``max_delay`` and this thread the second)."""
+        return self._first_pending + (2 * self.max_delay if self.inline else self.max_delay)
+
     def _due(self) -> bool:
+        if self._busy:  # the inline caller is writing a group; it notifies when done
+            return False
         if self._stop:
             return True
         if not self._pending:
             return False
-        return (self._flushing > 0 or len(self._pending) >= self.batch_rows or self._pending_bytes >= self.max_pending_bytes // 2
-                or time.monotonic() - self._first_pending >= self.max_delay)
+        return (self._flushing > 0 or len(self._pending) >= (self.max_pending if self.inline else self.batch_rows)
+                or self._pending_bytes >= self.max_pending_bytes // 2 or time.monotonic() >= self._deadline())
 
     def _run(self) -> None:
         # Lowest priority for this thread once it has written its first group: it then runs when
@@ -532,30 +547,62 @@ class RunWriter:
                 # wake-up preempts one of torch's threads mid-step, which measured several percent
                 # of a small model's training time when it happened once per step or two.
                 while not self._due():
-                    if not self._pending:
+                    if self._busy:  # the inline caller writes: it wakes this thread when done
+                        self._awaits_caller = True
+                        self._cv.wait()
+                        self._awaits_caller = False
+                    elif not self._pending:
                         # idle: a periodic look (the first append does not notify) or, with
                         # max_delay 0, sleep until an append notifies
                         self._cv.wait(self.max_delay if self.max_delay > 0 else None)
                     else:
-                        self._cv.wait(max(0.0, self._first_pending + self.max_delay - time.monotonic()))
-                batch, self._pending, self._pending_bytes = self._pending, [], 0
-                self._busy = bool(batch)
+                        self._cv.wait(max(0.0, self._deadline() - time.monotonic()))
+                batch = self._take()
                 if not batch and self._stop:
                     return
                 self._cv.notify_all()  # appenders blocked on a full queue
-            try:
-                self._write_batch(batch)
-            finally:
-                for rec in batch:  # written (or given up on): the arrays are not read again
-                    if rec.release is not None:
-                        rec.release()
-                if not lowered and batch:
-                    lowered = True
-                    with contextlib.suppress(OSError):
-                        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-                with self._cv:
-                    self._busy = False
+            self._write_taken(batch, wake=True)
+            if not lowered and batch:
+                lowered = True
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+    def _take(self) -> list[_Record]:
+        """The queued steps, for the caller to write (under ``_cv``, not ``_busy``)."""
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        self._busy = bool(batch)
+        return batch
+
+    def _write_taken(self, batch: list[_Record], wake: bool) -> None:
+        try:
+            self._write_batch(batch)
+        finally:
+            for rec in batch:  # written (or given up on): the arrays are not read again
+                if rec.release is not None:
+                    rec.release()
+            with self._cv:
+                self._busy = False
+                # An inline write wakes only who waits for it. Waking the idle writer thread
+                # after every group (it then wants the GIL the training thread holds) cost
+                # (a) of benchmarks/bench_spine.py about 1 % on 2 cores: 1.092x against 1.083x.
+                if wake or self._flushing or self._awaits_caller:
                     self._cv.notify_all()
+
+    def write_pending(self, due_only: bool = False) -> float:
+        """Write the queued steps now, on the calling thread (``inline`` mode; any thread may
+        call it). Nothing happens while the writer thread writes a group (it takes the rest
+        after), or with ``due_only`` while the queue is short of a group and younger than
+        ``max_delay``. Returns the seconds the write waited for the disk (its wall time beyond
+        this thread's CPU time), which tells a caller whether writing inline stalls it."""
+        with self._cv:
+            if self._busy or not self._pending or (due_only and len(self._pending) < self.batch_rows
+                                                   and self._pending_bytes < self.max_pending_bytes // 2
+                                                   and time.monotonic() - self._first_pending < self.max_delay):
+                return 0.0
+            batch = self._take()
+        cpu, wall = time.thread_time(), time.perf_counter()
+        self._write_taken(batch, wake=False)
+        return max(0.0, (time.perf_counter() - wall) - (time.thread_time() - cpu))
 
     def _write_batch(self, batch: list[_Record]) -> None:
         good: list[_Record] = []
@@ -587,12 +634,15 @@ class RunWriter:
                release: Callable[[], None] | None = None) -> None:
         """Queue one step's row (and its trajectory vectors). Never raises a write error.
 
-        ``release`` is called (on the writer thread) once the step is written: the caller may
-        then reuse the memory of the arrays it handed over."""
+        ``release`` is called (by whichever thread wrote the step) once it is written: the
+        caller may then reuse the memory of the arrays it handed over."""
         if self.closed:
             raise StoreError(f"store {self.path} is closed")
         self._warn_errors()
         size = sum(v.data.nbytes for v in trajectory.values() if isinstance(v.data, np.ndarray)) if trajectory else 0
+        if self.inline and self._pending and (len(self._pending) >= self.max_pending
+                                              or self._pending_bytes + size > self.max_pending_bytes):
+            self.write_pending()  # a full queue: write it here rather than wait for the thread
         with self._cv:
             # bounded memory when the disk is slow or the vectors are big
             while self._pending and (len(self._pending) >= self.max_pending
@@ -603,12 +653,14 @@ class RunWriter:
                 self._first_pending = time.monotonic()
             self._pending.append(_Record(step, values, trajectory, release))
             self._pending_bytes += size
-            if (len(self._pending) == self.batch_rows or self._pending_bytes >= self.max_pending_bytes // 2
-                    or self.max_delay <= 0):
+            if not self.inline and (len(self._pending) == self.batch_rows or self.max_delay <= 0
+                                    or self._pending_bytes >= self.max_pending_bytes // 2):
                 self._cv.notify_all()
 
     def flush(self) -> None:
-        """Wait until everything queued is committed."""
+        """Wait until everything queued is committed (written on this thread if the writer
+        thread is not writing: the caller waits anyway)."""
+        self.write_pending()
         with self._cv:
             self._flushing += 1
             self._cv.notify_all()

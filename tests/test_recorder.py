@@ -1,6 +1,9 @@
 """The recorder: unchanged trajectories, what it captures, faults and bad input."""
 from __future__ import annotations
 
+import os
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -17,6 +20,14 @@ from landscape.schema import var
 from probes import Measurement, Probe, RestrictedSecant
 
 
+@pytest.fixture(params=["inline", "thread"])
+def write_mode(request, monkeypatch):  # type: ignore[no-untyped-def]
+    """Both ways the store gets written: by the training thread between steps (no spare core)
+    and by the store's writer thread."""
+    monkeypatch.setattr(recorder_module, "_no_spare_core", lambda device: request.param == "inline")
+    return request.param
+
+
 def _snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
     for i, (p, s) in enumerate(opt.state.items()):
@@ -30,7 +41,7 @@ def _snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, t
     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
     lambda p: torch.optim.Adam(p, lr=2e-3, weight_decay=1e-4),
 ], ids=["sgd-momentum-wd", "adam"])
-def test_trajectory_bitwise_unchanged(tmp_path, make_opt):
+def test_trajectory_bitwise_unchanged(tmp_path, make_opt, write_mode):
     """Same seed, same final weights, BN buffers and optimizer state, with or without probes
     (the CNN has dropout, so a probe touching the global RNG would show)."""
     finals = []
@@ -371,7 +382,7 @@ def _record_mlp(store, probes, steps, **options):  # type: ignore[no-untyped-def
     return rec, logged
 
 
-def test_lent_buffers_and_batched_steps_record_the_same_numbers(tmp_path, monkeypatch):
+def test_lent_buffers_and_batched_steps_record_the_same_numbers(tmp_path, monkeypatch, write_mode):
     """RestrictedSecant(samples=0) gets each step in a reused buffer and is measured in batches of
     quick steps. With 3 buffers (the writer holds them until written, so most steps fall back to
     copies and the 3 are reused over and over) every stored number and every logged value equals
@@ -644,3 +655,114 @@ def test_a_step_hook_that_fails_keeps_the_step_count(tmp_path, monkeypatch):
     assert traj.step.values.tolist() == [s for s in range(12) if s != 5]
     u = traj["update"].values
     assert np.isnan(u[4]).all() and np.isfinite(np.delete(u, 4, axis=0)).all()
+
+
+class _EvalProbe(Probe):
+    """Evaluates the model at its steps: recorded at once, not in a batch."""
+
+    name = "evalprobe"
+
+    @property
+    def samples_needed(self) -> int:
+        return 1
+
+    def measure(self, ctx):  # type: ignore[no-untyped-def]
+        out = Measurement()
+        out.values["probe_loss"] = var("loss", ctx.functional.loss(ctx.params, ctx.probe_batches[0]).double(), ())
+        return out
+
+
+def _traced_writes(monkeypatch) -> list[tuple[str, list[int]]]:  # type: ignore[no-untyped-def]
+    seen: list[tuple[str, list[int]]] = []
+    write = store_module.RunWriter._write_batch
+
+    def traced(self, batch):  # type: ignore[no-untyped-def]
+        seen.append((threading.current_thread().name, [r.step for r in batch]))
+        write(self, batch)
+
+    monkeypatch.setattr(store_module.RunWriter, "_write_batch", traced)
+    return seen
+
+
+def test_without_a_spare_core_the_training_thread_writes_the_store(tmp_path, monkeypatch):
+    """With torch's threads on every core the training thread writes each batch of steps
+    itself, right after measuring it (and a step measured at once when a group is due); with a
+    core to spare the writer thread does. The stores are the same, bit for bit."""
+    seen = _traced_writes(monkeypatch)
+    probes = lambda: [RestrictedSecant(every=1, samples=0), _EvalProbe(every=7)]  # noqa: E731
+    me = threading.current_thread().name
+    stores = {}
+    for inline in (True, False):
+        monkeypatch.setattr(recorder_module, "_no_spare_core", lambda device: inline)
+        seen.clear()
+        torch.manual_seed(0)
+        model = DigitsMLP(hidden=8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        path = tmp_path / f"{inline}.zarr"
+        rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probe_data=loader(seed=3, batch_size=32),
+                               probes=probes(), store=path)
+        assert rec.writer.inline is inline
+        train(model, opt, 90)
+        during = list(seen)
+        rec.close()
+        assert not rec.probe_errors and not rec.writer.errors
+        written = [s for _, steps in seen for s in steps]
+        assert written == list(range(90))  # each step once, in order
+        if inline:
+            assert during and all(name == me for name, _ in during)
+            assert len(during) < 90 / 2  # in groups, not step by step
+        else:
+            assert during and all(name != me for name, _ in during)
+        stores[inline] = path
+    a, b = (landscape.open_run(stores[k]) for k in (True, False))
+    assert set(a.data_vars) == set(b.data_vars)
+    for name in a.data_vars:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    ta, tb = (landscape.open_trajectory(stores[k]) for k in (True, False))
+    for name in ta.data_vars:
+        np.testing.assert_array_equal(ta[name].values, tb[name].values, err_msg=name)
+
+
+def test_a_slow_inline_write_hands_the_writing_to_the_writer_thread(tmp_path, monkeypatch):
+    """An inline write that waited on the disk (here: slept) makes the writer thread write the
+    rest of the run; nothing is lost."""
+    seen = _traced_writes(monkeypatch)
+    monkeypatch.setattr(recorder_module, "_no_spare_core", lambda device: True)
+    traced = store_module.RunWriter._write_batch
+    calls = []
+
+    def first_slow(self, batch):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(2 * recorder_module._SLOW_WRITE_S + 0.05)
+        traced(self, batch)
+
+    monkeypatch.setattr(store_module.RunWriter, "_write_batch", first_slow)
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = landscape.attach(model, opt, loss_fn=F.cross_entropy, probes=[RestrictedSecant(every=1, samples=0)],
+                           store=tmp_path / "r.zarr")
+    train(model, opt, 100)
+    assert rec.writer.inline is False
+    during = list(seen)
+    rec.close()
+    me = threading.current_thread().name
+    assert during[0][0] == me and any(name != me for name, _ in during[1:])
+    assert [s for _, steps in seen for s in steps] == list(range(100))
+    ds = landscape.open_run(tmp_path / "r.zarr")
+    assert ds.sizes["step"] == 100 and np.isfinite(ds.rsi_train.values[:-1]).all()
+
+
+def test_no_spare_core_means_cpu_training_on_every_core():
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        torch.set_num_threads(cores)
+        assert recorder_module._no_spare_core(torch.device("cpu"))
+        assert not recorder_module._no_spare_core(torch.device("meta"))  # not the CPU: the thread is free
+        if cores > 1:
+            torch.set_num_threads(cores - 1)
+            assert not recorder_module._no_spare_core(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)

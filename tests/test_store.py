@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,8 @@ CHILD = textwrap.dedent("""
     from landscape.models import DigitsMLP
     from probes import RestrictedSecant
     store, log = sys.argv[1], sys.argv[2]
+    import landscape.recorder  # who writes the store: the training thread, or the writer thread
+    landscape.recorder._no_spare_core = lambda device: sys.argv[3] == "inline"
     torch.manual_seed(0)
     X, y = load_digits()
     model = DigitsMLP(hidden=16)
@@ -50,11 +53,12 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_kill_9_leaves_every_committed_step_readable(tmp_path):
+@pytest.mark.parametrize("writes", ["inline", "thread"])
+def test_kill_9_leaves_every_committed_step_readable(tmp_path, writes):
     store, log = tmp_path / "run.zarr", tmp_path / "steps.log"
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    proc = subprocess.Popen([sys.executable, str(script), str(store), str(log)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, str(script), str(store), str(log), writes], stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -352,6 +356,88 @@ def test_commit_delay_bounds_what_a_kill_can_lose(tmp_path):
     with pytest.raises(ValueError, match="commit_delay"):
         landscape.attach(model, opt, loss_fn=F.cross_entropy, store=tmp_path / "x.zarr", commit_delay=-1)
     assert not (tmp_path / "x.zarr").exists()
+
+
+def _threads_writing(w: RunWriter) -> list[tuple[str, list[int]]]:
+    """Records which thread writes which steps."""
+    seen: list[tuple[str, list[int]]] = []
+    write = w._write_batch
+
+    def traced(batch):  # type: ignore[no-untyped-def]
+        seen.append((threading.current_thread().name, [r.step for r in batch]))
+        write(batch)
+
+    w._write_batch = traced  # type: ignore[method-assign]
+    return seen
+
+
+def test_an_inline_writer_writes_on_the_calling_thread_and_its_thread_backs_it_up(tmp_path):
+    """``inline=True``: the caller writes with write_pending (all of the queue, or with
+    ``due_only`` a full group only); buffers come back on the caller's thread. A queue the caller
+    leaves is committed by the writer thread after 2 * max_delay; a full queue by append."""
+    path = tmp_path / "r.zarr"
+    w = RunWriter(path, {}, inline=True, batch_rows=4, max_delay=1.0)
+    seen = _threads_writing(w)
+    released: list[str] = []
+    me = threading.current_thread().name
+    rows = lambda: landscape.open_run(path).sizes["step"]  # noqa: E731
+    for i in range(3):
+        w.append(i, {"loss": Var((), np.float64(i), {})}, {"v": Var(("param",), np.full(3, i, np.float32), {})},
+                 lambda: released.append(threading.current_thread().name))
+    assert w.write_pending(due_only=True) == 0.0 and rows() == 0  # short of a group, and young
+    w.append(3, {"loss": Var((), np.float64(3), {})})
+    assert w.write_pending(due_only=True) >= 0.0 and rows() == 4  # a full group
+    assert seen == [(me, [0, 1, 2, 3])] and released == [me] * 3
+    assert w.write_pending() == 0.0 and len(seen) == 1  # nothing queued
+    w.append(4, {"loss": Var((), np.float64(4), {})})
+    w.append(5, {"loss": Var((), np.float64(5), {})})
+    t0 = time.monotonic()
+    assert rows() == 4  # the thread waits 2 * max_delay for the caller
+    deadline = t0 + 30
+    while rows() < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rows() == 6 and time.monotonic() - t0 >= 1.5
+    assert seen[1][1] == [4, 5] and seen[1][0] != me
+    w.close()
+    assert landscape.open_run(path).loss.values.tolist() == [0, 1, 2, 3, 4, 5]
+
+    # a full queue (max_pending): append writes it on the caller's thread rather than wait
+    full = RunWriter(tmp_path / "full.zarr", {}, inline=True, max_pending=3, max_delay=3600.0)
+    seen = _threads_writing(full)
+    for i in range(5):
+        full.append(i, {"loss": Var((), np.float64(i), {})})
+    assert seen == [(me, [0, 1, 2])] and landscape.open_run(tmp_path / "full.zarr").sizes["step"] == 3
+    full.close()
+    assert landscape.open_run(tmp_path / "full.zarr").loss.values.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_write_pending_waits_for_the_writer_thread_and_reports_time_on_the_disk(tmp_path):
+    """While the writer thread writes a group, write_pending leaves the queue to it (one writer
+    at a time, steps in order); its return value is the time the write waited (not CPU)."""
+    w = RunWriter(tmp_path / "r.zarr", {}, batch_rows=2, max_delay=3600.0)
+    write = w._write_batch
+    started = threading.Event()
+    order: list[list[int]] = []
+
+    def slow(batch):  # type: ignore[no-untyped-def]
+        order.append([r.step for r in batch])
+        if threading.current_thread() is not threading.main_thread():
+            started.set()
+        time.sleep(0.3)  # waits like a slow disk
+        write(batch)
+
+    w._write_batch = slow  # type: ignore[method-assign]
+    w.append(0, {"loss": Var((), np.float64(0), {})})
+    w.append(1, {"loss": Var((), np.float64(1), {})})  # a full group wakes the thread
+    assert started.wait(30)
+    w.append(2, {"loss": Var((), np.float64(2), {})})
+    assert w.write_pending() == 0.0  # the thread is writing: not two writers at once
+    w.flush()
+    assert order == [[0, 1], [2]]
+    w.append(3, {"loss": Var((), np.float64(3), {})})
+    assert 0.25 <= w.write_pending() < 30  # slept, so it was not CPU
+    w.close()
+    assert landscape.open_run(tmp_path / "r.zarr").loss.values.tolist() == [0, 1, 2, 3]
 
 
 def test_iter_trajectory_reuse_reads_the_same_rows_into_one_set_of_arrays(tmp_path):
