@@ -503,7 +503,7 @@ class Recorder:
             if not batch or len(self._deferred) >= _DEFER_STEPS or now - self._deferred_since >= self._defer_s:
                 self._drain_next = True
         else:
-            self._drain()  # the store takes steps in order
+            self._drain(write=False)  # the store takes steps in order
             self._record(step)
             self._write_inline(due_only=True)
 
@@ -546,9 +546,12 @@ class Recorder:
                 step.buf.settle()
         buf.release()
 
-    def _drain(self) -> None:
+    def _drain(self, write: bool = True) -> None:
         """Measure and queue the deferred steps, in order (the last one's w_{t+1}: the
-        parameters now, if the next step has not read it); an inline writer writes them."""
+        parameters now, if the next step has not read it); an inline writer writes them unless
+        ``write`` is False. Before a step measured at once (a probe that evaluates the model)
+        they wait for the next batch: written there, between ``optimizer.step()`` and such a
+        probe, they cost (b) of benchmarks/bench_spine.py 1.23-1.26x against 1.20-1.21x (A/B)."""
         self._drain_next = False
         if self._awaiting:
             self._give_next_iterate(None)
@@ -565,7 +568,7 @@ class Recorder:
                     self._record(step, follows)  # settles the update if a probe reads it
                 except Exception as exc:
                     self._internal_error(exc)
-        if drained:
+        if drained and write:
             self._write_inline(due_only=False)  # the batch is the group: written while warm
 
     def _write_inline(self, due_only: bool) -> None:
