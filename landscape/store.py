@@ -517,10 +517,16 @@ class RunWriter:
         open_run(self.path)  # raises a StoreError that says what is wrong
 
     # -- the writer thread --------------------------------------------------------------------
-    def _deadline(self) -> float:
-        """When the oldest queued step must be written by this thread (an inline caller gets
-        the first ``max_delay`` and this thread the second)."""
-        return self._first_pending + (2 * self.max_delay if self.inline else self.max_delay)
+    def _group_due(self, rows: int, wait: float) -> bool:
+        """Whether the queue makes a group: ``rows`` steps, half the byte budget, or its oldest
+        step ``wait`` seconds old."""
+        return (len(self._pending) >= rows or self._pending_bytes >= self.max_pending_bytes // 2
+                or time.monotonic() - self._first_pending >= wait)
+
+    def _thread_wait(self) -> float:
+        """How long a step may wait for this thread (an inline caller gets the first
+        ``max_delay``, this thread the second)."""
+        return 2 * self.max_delay if self.inline else self.max_delay
 
     def _due(self) -> bool:
         if self._busy:  # the inline caller is writing a group; it notifies when done
@@ -529,8 +535,7 @@ class RunWriter:
             return True
         if not self._pending:
             return False
-        return (self._flushing > 0 or len(self._pending) >= (self.max_pending if self.inline else self.batch_rows)
-                or self._pending_bytes >= self.max_pending_bytes // 2 or time.monotonic() >= self._deadline())
+        return self._flushing > 0 or self._group_due(self.max_pending if self.inline else self.batch_rows, self._thread_wait())
 
     def _run(self) -> None:
         # Lowest priority for this thread once it has written its first group: it then runs when
@@ -556,7 +561,7 @@ class RunWriter:
                         # max_delay 0, sleep until an append notifies
                         self._cv.wait(self.max_delay if self.max_delay > 0 else None)
                     else:
-                        self._cv.wait(max(0.0, self._deadline() - time.monotonic()))
+                        self._cv.wait(max(0.0, self._first_pending + self._thread_wait() - time.monotonic()))
                 batch = self._take()
                 if not batch and self._stop:
                     return
@@ -595,9 +600,7 @@ class RunWriter:
         ``max_delay``. Returns the seconds the write waited for the disk (its wall time beyond
         this thread's CPU time), which tells a caller whether writing inline stalls it."""
         with self._cv:
-            if self._busy or not self._pending or (due_only and len(self._pending) < self.batch_rows
-                                                   and self._pending_bytes < self.max_pending_bytes // 2
-                                                   and time.monotonic() - self._first_pending < self.max_delay):
+            if self._busy or not self._pending or (due_only and not self._group_due(self.batch_rows, self.max_delay)):
                 return 0.0
             batch = self._take()
         cpu, wall = time.thread_time(), time.perf_counter()
